@@ -1,0 +1,148 @@
+"""Gradient estimators, and the stateful ``ForwardGradientEstimator`` that every integration
+uses in place of ``loss.backward()``.
+
+>>> import torch
+>>> from fwdgrad_plugins import ForwardGradientEstimator
+>>> model = torch.nn.Linear(4, 1)
+>>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+>>> fg = ForwardGradientEstimator(num_directions=2, tangents="gaussian", seed=0)
+>>> estimate = fg.backward(lambda: torch.nn.functional.mse_loss(model(x), y), model.parameters())
+>>> model.weight.grad.shape, estimate.directional_derivatives.shape
+(torch.Size([1, 4]), torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from fwdgrad_plugins import plugins
+from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
+from fwdgrad_plugins.forward_mode import directional_derivatives
+from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.tangents import TangentSampler, combine, derive_seed
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Estimate:
+    loss: Tensor  # primal loss (detached scalar)
+    directional_derivatives: Tensor  # (K,), after any cross-process reduction
+    grads: list[Optional[Tensor]]  # one per parameter; None for parameters the loss did not use
+    skipped: bool = False  # True when a derivative was not finite and no gradient was written
+
+
+class WeightPerturbation:
+    """FG-W, the paper's estimator: g = (1/K) Σ_k (∇f(θ)·v_k) v_k, with v_k ~ ``sampler``.
+
+    ``reduce`` maps the K local derivatives to global ones (the mean over processes in
+    data-parallel training): each process then forms the same update from shared tangents.
+    """
+
+    def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
+                 seed: int, reduce: Optional[Reduce] = None) -> Estimate:
+        tangents = sampler.sample(params, num_directions, seed)
+        result = directional_derivatives(closure, params, tangents)
+        derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+        if not bool(torch.isfinite(derivatives).all()):
+            raise NonFiniteDirectionalDerivativeError(
+                f"directional derivatives {derivatives.tolist()} are not finite (loss "
+                f"{result.loss.item():.4g}): lower the learning rate, or check the loss for "
+                "log(0) and overflow."
+            )
+        coefficients = derivatives / num_directions
+        grads = [combine(t, coefficients) if used else None for t, used in zip(tangents, result.used)]
+        return Estimate(result.loss, derivatives, grads)
+
+
+@hookimpl
+def register_estimators(register):
+    register("weight", WeightPerturbation)
+
+
+def trainable_parameters(params: Iterable[Tensor]) -> list[Tensor]:
+    """Parameters with ``requires_grad``, each once (a shared parameter is one parameter)."""
+    unique = {id(p): p for p in params if p.requires_grad}
+    return list(unique.values())
+
+
+class ForwardGradientEstimator:
+    """Forward-gradient ``backward()``: runs a loss closure in forward mode and accumulates
+    the gradient estimate into ``.grad``, like ``loss.backward()`` would.
+
+    The tangents of call number ``step`` come from ``(seed, step)`` alone, so ``state_dict()``
+    (seed, step, options) is all a checkpoint needs to resume bit-identically, and processes
+    sharing a seed draw the same tangents.
+
+    Args:
+        estimator: a registered estimator name (``fwdgrad_plugins.registered("estimators")``).
+        tangents: a registered tangent sampler name.
+        num_directions: K, the number of tangents averaged per call.
+        seed: the run's seed.
+        estimator_options: keyword arguments for the estimator's factory.
+    """
+
+    def __init__(self, *, estimator: str = "weight", tangents: str = "gaussian",
+                 num_directions: int = 1, seed: int = 0, estimator_options: Optional[dict] = None):
+        if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+            raise ValueError(
+                f"num_directions must be a positive integer, got {num_directions!r}: "
+                "use 1 for the paper's estimator, more to lower its variance."
+            )
+        self.sampler = plugins.get("tangent_samplers", tangents)()
+        self.estimator = plugins.get("estimators", estimator)(**(estimator_options or {}))
+        self.options = {"estimator": estimator, "tangents": tangents, "num_directions": num_directions}
+        self.seed = int(seed)
+        self.step = 0
+        self.skipped = 0
+
+    @property
+    def num_directions(self) -> int:
+        return self.options["num_directions"]
+
+    def backward(self, closure: Callable[[], Tensor], params: Iterable[Tensor], *,
+                 reduce: Optional[Reduce] = None) -> Estimate:
+        """Estimate the gradient of ``closure()`` and add it to each parameter's ``.grad``.
+
+        A non-finite directional derivative skips the update (``Estimate.skipped``), counts
+        it in ``self.skipped`` and warns; nothing is written. On any error, nothing changes.
+        """
+        params = trainable_parameters(params)
+        try:
+            estimate = self.estimator.estimate(
+                closure, params, sampler=self.sampler, num_directions=self.num_directions,
+                seed=derive_seed(self.seed, self.step), reduce=reduce,
+            )
+        except NonFiniteDirectionalDerivativeError as error:
+            self.step += 1
+            self.skipped += 1
+            warnings.warn(f"skipped update {self.step - 1} ({self.skipped} so far): {error}",
+                          RuntimeWarning, stacklevel=2)
+            return Estimate(torch.tensor(float("nan")), torch.full((self.num_directions,), float("nan")),
+                            [None] * len(params), skipped=True)
+        self.step += 1
+        for p, grad in zip(params, estimate.grads):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad.to(p.dtype)
+            else:
+                p.grad.add_(grad)
+        return estimate
+
+    def state_dict(self) -> dict:
+        return {**self.options, "seed": self.seed, "step": self.step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self.options.items() if state.get(k, v) != v}
+        if mismatched:
+            raise ValueError(
+                f"checkpoint was saved with other forward-gradient options {mismatched} "
+                "(saved, current): construct the estimator with the saved options to resume."
+            )
+        self.seed, self.step, self.skipped = int(state["seed"]), int(state["step"]), int(state["skipped"])

@@ -1,0 +1,299 @@
+"""Directional derivatives ∇f(θ)·v of a closure's loss, in forward mode, with no backward pass.
+
+The closure runs the user's model unchanged. A ``TorchFunctionMode`` swaps each trainable
+parameter for a dual tensor (primal θ, tangent v) whenever a torch function receives it, so
+the model, its parameters and the optimizer are never modified. ``F.linear`` gets a rule of
+its own: it skips the products with absent tangents that the generic rule would compute on
+zeros, and applies rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in O(batch·(in + out)).
+
+One direction runs with ``torch.autograd.forward_ad`` dual tensors; K directions run as one
+``torch.func.vmap`` over ``torch.func.jvp`` (the primal is computed once), falling back to K
+single-direction passes that share one RNG state (one dropout mask) and update BatchNorm
+running statistics once.
+
+>>> import torch
+>>> model = torch.nn.Linear(3, 1)
+>>> x = torch.ones(2, 3)
+>>> params = list(model.parameters())
+>>> tangents = [torch.ones(1, *p.shape) for p in params]
+>>> result = directional_derivatives(lambda: model(x).sum(), params, tangents)
+>>> result.derivatives   # d/dε Σ (x (W + ε)ᵀ + b + ε) = 2 · (3 + 1)
+tensor([8.])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from fwdgrad_plugins.errors import (
+    BackwardInClosureError,
+    LossNotScalarError,
+    ParametersNotUsedError,
+    UnsupportedOperationError,
+)
+from fwdgrad_plugins.tangents import RankOne, Tangent
+
+_BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+_MISSING_RULE_HINTS = ("forward AD", "forward-mode", "forward mode", "jvp")
+
+
+@dataclass
+class DirectionalDerivatives:
+    loss: Tensor  # the primal loss, a detached scalar
+    derivatives: Tensor  # (K,) float32: ∇f(θ)·v_k
+    used: list[bool]  # per parameter: did the closure use it?
+
+
+class _PerturbParameters(TorchFunctionMode):
+    """Replaces parameters by their perturbed versions in every torch call of the closure.
+
+    ``perturbed`` maps ``id(param)`` to a dual tensor; ``rank_one`` maps ``id(weight)`` to
+    ``(u, w)`` for a tangent ``u wᵀ``. With ``manual_linear`` (forward_ad dual tensors) the
+    linear rule unpacks duals itself; under ``torch.func.jvp`` it uses ``eps``-style inputs
+    (``u`` is then a dual with primal 0 and tangent u) and plain torch ops.
+    """
+
+    def __init__(self, perturbed, rank_one, manual_linear, materialize, freeze_running_stats=False):
+        super().__init__()
+        self.perturbed = perturbed
+        self.rank_one = rank_one
+        self.manual_linear = manual_linear
+        self.materialize = materialize  # (weight, u, w) -> perturbed weight, for non-linear uses
+        self.freeze_running_stats = freeze_running_stats
+        self.used: set[int] = set()
+        self._materialized: dict[int, Tensor] = {}
+
+    def _swap(self, value):
+        key = id(value)
+        if key in self.perturbed:
+            self.used.add(key)
+            return self.perturbed[key]
+        if key in self.rank_one:
+            self.used.add(key)
+            if key not in self._materialized:
+                self._materialized[key] = self.materialize(value, *self.rank_one[key])
+            return self._materialized[key]
+        if type(value) in (list, tuple):
+            return type(value)(self._swap(item) for item in value)
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _BACKWARD_FUNCTIONS:
+            raise BackwardInClosureError(
+                "the closure called backward(), but forward-gradient training computes the "
+                "gradient estimate itself: return the loss from the closure without calling "
+                "loss.backward() or torch.autograd.grad."
+            )
+        if func is F.linear:
+            return self._linear(*args, **kwargs)
+        if self.freeze_running_stats and func is F.batch_norm:
+            args, kwargs = _with_copied_running_stats(args, kwargs)
+        args = tuple(self._swap(a) for a in args)
+        kwargs = {k: self._swap(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _linear(self, input, weight, bias=None):
+        factors = self.rank_one.get(id(weight))
+        if factors is not None:
+            self.used.add(id(weight))
+        else:
+            weight = self._swap(weight)
+        bias = self._swap(bias) if bias is not None else None
+        if not self.manual_linear:
+            out = F.linear(input, weight, bias)
+            if factors is not None:
+                u, w = factors  # u: dual (primal 0, tangent u); w: plain
+                out = out + (input @ w).unsqueeze(-1) * u
+            return out
+        x, x_t = fwAD.unpack_dual(input)
+        w_p, w_t = fwAD.unpack_dual(weight)
+        b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
+        out = F.linear(x, w_p, b_p)
+        terms = []
+        if x_t is not None:
+            terms.append(F.linear(x_t, w_p))
+        if w_t is not None:
+            terms.append(F.linear(x, w_t))
+        if factors is not None:
+            u, w = factors
+            terms.append((x @ w).unsqueeze(-1) * u)
+        if b_t is not None:
+            terms.append(b_t.expand_as(out))
+        if not terms:
+            return out
+        tangent = terms[0] if terms[0].is_contiguous() and len(terms) > 1 else terms[0].clone()
+        for term in terms[1:]:
+            tangent = tangent.add_(term)
+        return fwAD.make_dual(out, tangent)
+
+
+def _with_copied_running_stats(args, kwargs):
+    """F.batch_norm updates running_mean/var in place; give it copies on repeated passes."""
+    args = list(args)
+    for position, name in ((1, "running_mean"), (2, "running_var")):
+        if len(args) > position and args[position] is not None:
+            args[position] = args[position].clone()
+        elif kwargs.get(name) is not None:
+            kwargs = {**kwargs, name: kwargs[name].clone()}
+    return tuple(args), kwargs
+
+
+def _check_loss(loss) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise LossNotScalarError(
+            f"the closure returned {type(loss).__name__}, not a tensor: return the loss "
+            "tensor itself, e.g. `lambda: loss_fn(model(x), y)`."
+        )
+    if loss.numel() != 1:
+        raise LossNotScalarError(
+            f"the closure returned a tensor of shape {tuple(loss.shape)}, not a scalar: reduce "
+            "it to one number (e.g. `.mean()`, or a loss with reduction='mean')."
+        )
+    return loss.reshape(())
+
+
+@contextlib.contextmanager
+def _forward_ad_errors():
+    """Turn torch's 'no forward-mode rule' errors into one that names the fix."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        message = str(error)
+        if isinstance(error, BackwardInClosureError) or not any(
+            hint in message for hint in _MISSING_RULE_HINTS
+        ):
+            raise
+        raise UnsupportedOperationError(
+            f"an operation in the closure has no forward-mode AD rule: {message.strip()}\n"
+            "Fixes: use an equivalent op that has one (for attention, the math SDPA backend "
+            "or attn_implementation='eager'), or wrap the op in a torch.autograd.Function "
+            "that defines jvp()."
+        ) from error
+
+
+def _num_directions(tangents: Sequence[Tangent]) -> int:
+    first = tangents[0]
+    return first.num_directions if isinstance(first, RankOne) else first.shape[0]
+
+
+def directional_derivatives(
+    closure: Callable[[], Tensor], params: Sequence[Tensor], tangents: Sequence[Tangent]
+) -> DirectionalDerivatives:
+    """The loss ``closure()`` and its K directional derivatives along ``tangents``.
+
+    ``params`` are the tensors being trained (each used by the closure through the model);
+    ``tangents[i]`` is a (K, *params[i].shape) tensor or a :class:`RankOne`.
+    """
+    if not params:
+        raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
+    with torch.no_grad(), _forward_ad_errors(), sdpa_kernel([SDPBackend.MATH]):
+        if _num_directions(tangents) == 1:
+            result = _single_direction(closure, params, [_direction(t, 0) for t in tangents])
+        else:
+            result = _many_directions(closure, params, tangents)
+    if not any(result.used):
+        raise ParametersNotUsedError(
+            "the closure used none of the parameters being trained, so the loss does not "
+            "depend on them: pass the parameters of the model that the closure calls "
+            "(and give frozen ones requires_grad=False)."
+        )
+    return result
+
+
+def _direction(tangent: Tangent, k: int):
+    if isinstance(tangent, RankOne):
+        return RankOne(tangent.u[k], tangent.w[k])
+    return tangent[k]
+
+
+def _single_direction(closure, params, tangents, freeze_running_stats=False):
+    with fwAD.dual_level():
+        perturbed, rank_one = {}, {}
+        for p, t in zip(params, tangents):
+            if isinstance(t, RankOne):
+                rank_one[id(p)] = (t.u, t.w)
+            else:
+                perturbed[id(p)] = fwAD.make_dual(p, t)
+        mode = _PerturbParameters(
+            perturbed,
+            rank_one,
+            manual_linear=True,
+            materialize=lambda p, u, w: fwAD.make_dual(p, torch.outer(u, w)),
+            freeze_running_stats=freeze_running_stats,
+        )
+        with mode:
+            loss = _check_loss(closure())
+        primal, tangent = fwAD.unpack_dual(loss)
+        derivative = torch.zeros((), dtype=torch.float32) if tangent is None else tangent.float()
+    return DirectionalDerivatives(
+        primal.detach(), derivative.reshape(1), [id(p) in mode.used for p in params]
+    )
+
+
+def _many_directions(closure, params, tangents):
+    try:
+        return _vmapped_directions(closure, params, tangents)
+    except (BackwardInClosureError, LossNotScalarError):
+        raise
+    except Exception:  # an op without a batching rule: one pass per direction
+        return _sequential_directions(closure, params, tangents)
+
+
+def _vmapped_directions(closure, params, tangents):
+    dense = [i for i, t in enumerate(tangents) if not isinstance(t, RankOne)]
+    rank_one = [i for i, t in enumerate(tangents) if isinstance(t, RankOne)]
+    primals = tuple(params[i].detach() for i in dense) + tuple(
+        tangents[i].u.new_zeros(tangents[i].u.shape[1]) for i in rank_one
+    )
+    used: set[int] = set()
+
+    def one_direction(direction_tangents, w_factors):
+        def loss_of(*values):
+            mode = _PerturbParameters(
+                {id(params[i]): v for i, v in zip(dense, values)},
+                {id(params[i]): (u, w) for i, u, w in zip(rank_one, values[len(dense):], w_factors)},
+                manual_linear=False,
+                materialize=lambda p, u, w: p + u.unsqueeze(-1) * w,
+            )
+            with mode:
+                loss = _check_loss(closure())
+            used.update(mode.used)
+            return loss
+
+        return torch.func.jvp(loss_of, primals, direction_tangents)
+
+    direction_tangents = tuple(tangents[i] for i in dense) + tuple(tangents[i].u for i in rank_one)
+    w_factors = tuple(tangents[i].w for i in rank_one)
+    losses, derivatives = torch.func.vmap(one_direction, randomness="same")(direction_tangents, w_factors)
+    return DirectionalDerivatives(
+        losses[0].detach(), derivatives.float(), [id(p) in used for p in params]
+    )
+
+
+def _sequential_directions(closure, params, tangents):
+    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+    rng_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    results = []
+    for k in range(_num_directions(tangents)):
+        # Every pass starts from the same RNG state, so dropout draws one mask for all.
+        torch.set_rng_state(rng_state)
+        for device, state in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(state, device)
+        direction = [_direction(t, k) for t in tangents]
+        results.append(_single_direction(closure, params, direction, freeze_running_stats=k > 0))
+    return DirectionalDerivatives(
+        results[0].loss,
+        torch.cat([r.derivatives for r in results]),
+        [any(flags) for flags in zip(*(r.used for r in results))],
+    )
