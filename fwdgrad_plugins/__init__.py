@@ -23,6 +23,8 @@ from fwdgrad_plugins.plugins import UnknownNameError, get, registered
 # Integrations import their frameworks only when asked for.
 _LAZY = {
     "ForwardGradient": "fwdgrad_plugins.integrations.torch_optim",
+    "FwdGradTrainer": "fwdgrad_plugins.integrations.transformers_trainer",
+    "FwdGradTrainingArguments": "fwdgrad_plugins.integrations.transformers_trainer",
 }
 
 

@@ -10,3 +10,5 @@ from fwdgrad_plugins.hookspecs import hookimpl
 @hookimpl
 def register_integrations(register):
     register("torch-optimizer", "fwdgrad_plugins.integrations.torch_optim:ForwardGradient")
+    register("accelerate", "fwdgrad_plugins.integrations.accelerate_loop:train")
+    register("transformers", "fwdgrad_plugins.integrations.transformers_trainer:FwdGradTrainer")
