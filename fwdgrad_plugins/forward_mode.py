@@ -96,8 +96,11 @@ class _PerturbParameters(TorchFunctionMode):
             )
         if func is F.linear:
             return self._linear(*args, **kwargs)
-        if self.freeze_running_stats and func is F.batch_norm:
-            args, kwargs = _with_copied_running_stats(args, kwargs)
+        if self.freeze_running_stats:
+            if func is F.batch_norm:
+                args, kwargs = _with_copied_running_stats(args, kwargs)
+            elif func is Tensor.add_ and not args[0].is_floating_point():
+                return args[0]  # a step counter such as BatchNorm's num_batches_tracked
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
@@ -240,13 +243,23 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
     )
 
 
+_NOT_VMAPPABLE: set[tuple[int, ...]] = set()  # parameter sets whose closure vmap refused
+
+
 def _many_directions(closure, params, tangents):
-    try:
-        return _vmapped_directions(closure, params, tangents)
-    except (BackwardInClosureError, LossNotScalarError):
-        raise
-    except Exception:  # an op without a batching rule: one pass per direction
-        return _sequential_directions(closure, params, tangents)
+    key = tuple(map(id, params))
+    if key not in _NOT_VMAPPABLE:
+        rng_state = torch.get_rng_state()
+        try:
+            return _vmapped_directions(closure, params, tangents)
+        except (BackwardInClosureError, LossNotScalarError):
+            raise
+        except Exception:
+            # torch.func refuses some models, e.g. BatchNorm updating its running statistics
+            # in place; those take one pass per direction from now on.
+            _NOT_VMAPPABLE.add(key)
+            torch.set_rng_state(rng_state)
+    return _sequential_directions(closure, params, tangents)
 
 
 def _vmapped_directions(closure, params, tangents):
