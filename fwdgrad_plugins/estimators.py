@@ -57,6 +57,9 @@ class WeightPerturbation:
             )
         coefficients = derivatives / num_directions
         grads = [combine(t, coefficients) if used else None for t, used in zip(tangents, result.used)]
+        for grad, rows in zip(grads, result.frozen_rows):
+            if rows:
+                grad[rows] = 0  # e.g. an embedding's padding row, which autograd never updates
         return Estimate(result.loss, derivatives, grads)
 
 

@@ -51,6 +51,7 @@ class DirectionalDerivatives:
     loss: Tensor  # the primal loss, a detached scalar
     derivatives: Tensor  # (K,) float32: ∇f(θ)·v_k
     used: list[bool]  # per parameter: did the closure use it?
+    frozen_rows: list[list[int]]  # per parameter: rows the estimate must leave at zero
 
 
 class _PerturbParameters(TorchFunctionMode):
@@ -70,6 +71,7 @@ class _PerturbParameters(TorchFunctionMode):
         self.materialize = materialize  # (weight, u, w) -> perturbed weight, for non-linear uses
         self.freeze_running_stats = freeze_running_stats
         self.used: set[int] = set()
+        self.padding_rows: dict[int, set[int]] = {}  # id(weight) -> rows no tangent may touch
         self._materialized: dict[int, Tensor] = {}
 
     def _swap(self, value):
@@ -96,6 +98,8 @@ class _PerturbParameters(TorchFunctionMode):
             )
         if func is F.linear:
             return self._linear(*args, **kwargs)
+        if func is F.embedding:
+            args, kwargs = self._embedding_arguments(*args, **kwargs)
         if self.freeze_running_stats:
             if func is F.batch_norm:
                 args, kwargs = _with_copied_running_stats(args, kwargs)
@@ -104,6 +108,19 @@ class _PerturbParameters(TorchFunctionMode):
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+    def _embedding_arguments(self, input, weight, padding_idx=None, *rest, **kwargs):
+        """Autograd never updates an embedding's padding row, but torch's forward-mode rule
+        differentiates through it: perturb every row but that one, and record it so the
+        estimate leaves it alone too."""
+        key = id(weight)
+        if padding_idx is not None and (key in self.perturbed or key in self.rank_one):
+            row = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
+            self.padding_rows.setdefault(key, set()).add(row)
+            is_padding = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+            is_padding[row] = True
+            weight = torch.where(is_padding, weight.detach(), self._swap(weight))
+        return (input, weight, padding_idx, *rest), kwargs
 
     def _linear(self, input, weight, bias=None):
         factors = self.rank_one.get(id(weight))
@@ -184,6 +201,18 @@ def _forward_ad_errors():
         ) from error
 
 
+def _result(loss, derivatives, params, modes) -> DirectionalDerivatives:
+    used = set().union(*(mode.used for mode in modes))
+    rows: dict[int, set[int]] = {}
+    for mode in modes:
+        for key, found in mode.padding_rows.items():
+            rows.setdefault(key, set()).update(found)
+    return DirectionalDerivatives(
+        loss.detach(), derivatives, [id(p) in used for p in params],
+        [sorted(rows.get(id(p), ())) for p in params],
+    )
+
+
 def _num_directions(tangents: Sequence[Tangent]) -> int:
     first = tangents[0]
     return first.num_directions if isinstance(first, RankOne) else first.shape[0]
@@ -238,9 +267,7 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
             loss = _check_loss(closure())
         primal, tangent = fwAD.unpack_dual(loss)
         derivative = torch.zeros((), dtype=torch.float32) if tangent is None else tangent.float()
-    return DirectionalDerivatives(
-        primal.detach(), derivative.reshape(1), [id(p) in mode.used for p in params]
-    )
+    return _result(primal, derivative.reshape(1), params, [mode])
 
 
 _NOT_VMAPPABLE: set[tuple[int, ...]] = set()  # parameter sets whose closure vmap refused
@@ -268,7 +295,7 @@ def _vmapped_directions(closure, params, tangents):
     primals = tuple(params[i].detach() for i in dense) + tuple(
         tangents[i].u.new_zeros(tangents[i].u.shape[1]) for i in rank_one
     )
-    used: set[int] = set()
+    modes = []
 
     def one_direction(direction_tangents, w_factors):
         def loss_of(*values):
@@ -280,7 +307,7 @@ def _vmapped_directions(closure, params, tangents):
             )
             with mode:
                 loss = _check_loss(closure())
-            used.update(mode.used)
+            modes.append(mode)
             return loss
 
         return torch.func.jvp(loss_of, primals, direction_tangents)
@@ -288,9 +315,7 @@ def _vmapped_directions(closure, params, tangents):
     direction_tangents = tuple(tangents[i] for i in dense) + tuple(tangents[i].u for i in rank_one)
     w_factors = tuple(tangents[i].w for i in rank_one)
     losses, derivatives = torch.func.vmap(one_direction, randomness="same")(direction_tangents, w_factors)
-    return DirectionalDerivatives(
-        losses[0].detach(), derivatives.float(), [id(p) in used for p in params]
-    )
+    return _result(losses[0], derivatives.float(), params, modes)
 
 
 def _sequential_directions(closure, params, tangents):
@@ -308,5 +333,6 @@ def _sequential_directions(closure, params, tangents):
     return DirectionalDerivatives(
         results[0].loss,
         torch.cat([r.derivatives for r in results]),
-        [any(flags) for flags in zip(*(r.used for r in results))],
+        results[0].used,  # every pass runs the same closure
+        results[0].frozen_rows,
     )
