@@ -1,0 +1,400 @@
+"""FG-A, activity perturbation (Ren, Kornblith, Liao and Hinton, ICLR 2023): forward gradients
+that perturb the outputs of linear and convolution layers instead of their weights.
+
+Every ``F.linear`` / ``F.conv2d`` call whose weight is a trained parameter gets a random
+per-example tangent ``u`` on its output ``z``. One forward-mode pass then gives each example's
+directional derivative ``d_b = Σ_layers ∇_{z[b]} ℓ_b · u[b]`` of its own loss ``ℓ_b``, and
+``d_b u[b]`` is an unbiased estimate of ``∇_{z[b]} ℓ_b``. The weight and bias estimates are the
+local outer products that backprop would form from the same output gradient:
+``ĝ_W = Σ_b (d_b u[b])ᵀ x[b]`` (unfolded for convolutions), ``ĝ_b = Σ_b d_b u[b]``. Each
+activity tangent has the size of one layer's output, not of its weights, so the variance is
+far lower than weight perturbation's.
+
+Per-example losses: the estimator intercepts the closure's loss function (``F.cross_entropy``,
+``F.nll_loss``, ``F.mse_loss`` and the other ``LOSS_FUNCTIONS``), evaluates it unreduced and
+splits the returned loss into one part per example (dimension 0 of the layer outputs). The
+closure must return that call's result, optionally multiplied or divided by constants, or
+return the per-example losses itself (a vector of shape (batch,), whose mean is the loss).
+Examples must not interact (no BatchNorm in training mode): each example's loss may only
+depend on its own activities.
+
+Parameters that no perturbed layer covers (LayerNorm weights, embeddings, a weight also used
+outside ``F.linear``) are estimated in the same pass by weight perturbation, so every trained
+parameter gets an unbiased estimate.
+
+``reduce``: the estimates depend on each process's own examples, so, given ``reduce`` (the
+mean over processes of a tensor), the estimator applies it once to all directional
+derivatives and gradient estimates, concatenated: one gradient all-reduce, after which all
+processes hold the same estimate.
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> from fwdgrad_plugins import ForwardGradientEstimator
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+>>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+>>> fg = ForwardGradientEstimator(estimator="activity", num_directions=2, seed=0)
+>>> estimate = fg.backward(lambda: F.cross_entropy(model(x), y), model.parameters())
+>>> [tuple(g.shape) for g in estimate.grads]
+[(8, 4), (8,), (3, 8), (3,)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, NonFiniteDirectionalDerivativeError, ParametersNotUsedError
+from fwdgrad_plugins.estimators import Estimate, Reduce
+from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
+from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.tangents import RankOne, TangentSampler, combine, derive_seed
+
+
+class NoPerturbableLayerError(ForwardGradientError, ValueError):
+    """Activity perturbation found no layer whose output it could perturb."""
+
+
+class PerExampleLossError(ForwardGradientError, ValueError):
+    """The closure's loss could not be split into one part per example."""
+
+
+LOSS_FUNCTIONS = (
+    F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+    F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.kl_div,
+)
+_LAYERS = {F.linear: ("input", "weight", "bias"),
+           F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups")}
+_SCALINGS = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul,
+             torch.Tensor.__truediv__, torch.Tensor.div, torch.div}
+_SAME_VALUE = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.clone, torch.Tensor.reshape,
+               torch.Tensor.view, torch.Tensor.squeeze, torch.Tensor.mean, torch.Tensor.sum}
+_SEED_WEIGHTS = 1  # derive_seed tags: activity tangents use 0
+_PER_EXAMPLE_HELP = (
+    "activity perturbation needs one loss per example: return the result of a torch loss "
+    "function (F.cross_entropy, F.nll_loss, F.mse_loss, ...; optionally times or divided by "
+    "constants) from the closure, or return the per-example losses, a vector of shape (batch,)."
+)
+
+
+@dataclass
+class _Layer:
+    """One perturbed layer call: what its local outer product needs."""
+
+    func: Callable
+    weight: Tensor
+    bias: Optional[Tensor]
+    input: Tensor  # primal input x
+    tangent: Tensor  # u, shaped like the output
+    options: dict  # stride, padding, dilation, groups for conv2d
+
+
+@dataclass
+class _LossCall:
+    func: Callable  # the loss function, its arguments (input first) and keyword arguments
+    args: tuple
+    kwargs: dict
+    output: Tensor  # what the loss function returned (a dual tensor)
+    per_example: Tensor  # (N,) parts whose sum is ``output``: unreduced losses / divisor
+    scaled_copies: list = field(default_factory=list)  # kept alive so their ids stay unique
+
+
+def _bind(func, args, kwargs, names):
+    values = dict(zip(names, args), **kwargs)
+    return [values.get(name) for name in names[:3]], {k: values[k] for k in names[3:] if k in values}
+
+
+def _mean_divisor(func, input, target, kwargs, unreduced: Tensor) -> Tensor:
+    """The number ``reduction='mean'`` divides the summed losses by."""
+    if func in (F.cross_entropy, F.nll_loss) and not torch.is_floating_point(target):
+        valid = target != kwargs.get("ignore_index", -100)
+        weight = kwargs.get("weight")
+        if weight is None:
+            return valid.sum().to(unreduced.dtype)
+        return (fwAD.unpack_dual(weight).primal[target.masked_fill(~valid, 0)] * valid).sum()
+    if func is F.kl_div and kwargs.get("reduction") == "batchmean":
+        return torch.tensor(float(input.shape[0]))
+    return torch.tensor(float(unreduced.numel()))
+
+
+class _PerturbActivities(_PerturbParameters):
+    """The core's parameter-swapping mode, plus: perturbed outputs of the layers whose weight
+    is in ``layer_weights``, recorded loss calls, and lazily drawn weight tangents for the
+    parameters used elsewhere (``weight_tangent(param)``)."""
+
+    def __init__(self, layer_weights, activity_tangent, weight_tangent, trained, freeze_running_stats):
+        super().__init__({}, {}, manual_linear=True, materialize=None,
+                         freeze_running_stats=freeze_running_stats)
+        self.layer_weights = layer_weights
+        self.activity_tangent = activity_tangent  # (call index, output primal) -> tangent
+        self.weight_tangent = weight_tangent
+        self.trained = trained
+        self.layers: list[_Layer] = []
+        self.loss_calls: list[_LossCall] = []
+        self.scaled: dict[int, tuple[_LossCall, float]] = {}  # id(tensor) -> (loss call, factor)
+
+    def _swap(self, value):
+        key = id(value)
+        if key in self.trained and key not in self.perturbed:
+            self.perturbed[key] = fwAD.make_dual(value, self.weight_tangent(value))
+        return super()._swap(value)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LAYERS:
+            (input, weight, bias), options = _bind(func, args, kwargs, _LAYERS[func])
+            if id(weight) in self.layer_weights:
+                return self._perturbed_layer(func, input, weight, bias, options)
+        if func in LOSS_FUNCTIONS:
+            return self._loss(func, args, kwargs)
+        result = super().__torch_function__(func, types, args, kwargs)
+        if (func in _SCALINGS or func in _SAME_VALUE) and args and id(args[0]) in self.scaled:
+            self._track_scaling(func, args, kwargs, result)
+        return result
+
+    def _perturbed_layer(self, func, input, weight, bias, options):
+        self.used.add(id(weight))
+        bias_estimated = bias is not None and id(bias) in self.trained
+        out = func(input, weight, bias, **options)
+        primal, upstream = fwAD.unpack_dual(out)
+        tangent = self.activity_tangent(len(self.layers), primal)
+        if bias_estimated:
+            self.used.add(id(bias))
+        self.layers.append(_Layer(func, weight, bias if bias_estimated else None,
+                                  fwAD.unpack_dual(input).primal, tangent, options))
+        return fwAD.make_dual(primal, tangent if upstream is None else upstream + tangent)
+
+    def _loss(self, func, args, kwargs):
+        reduction = kwargs.get("reduction", "mean")
+        output = super().__torch_function__(func, (), args, kwargs)
+        unreduced = super().__torch_function__(func, (), args, {**kwargs, "reduction": "none"})
+        if reduction == "sum":
+            per_example = unreduced
+        elif reduction in ("mean", "batchmean"):
+            input, target = (list(args) + [kwargs.get("input"), kwargs.get("target")])[:2]
+            per_example = unreduced / _mean_divisor(func, input, target, kwargs, unreduced)
+        else:
+            return output
+        call = _LossCall(func, tuple(args), dict(kwargs), output, per_example.reshape(-1))
+        total, expected = fwAD.unpack_dual(call.per_example).primal.sum(), fwAD.unpack_dual(output).primal
+        if not torch.allclose(total.float(), expected.float(), rtol=1e-4, atol=1e-6):
+            raise PerExampleLossError(
+                f"{func.__name__}'s per-example losses sum to {total.item():.6g}, not to its "
+                f"result {expected.item():.6g}: {_PER_EXAMPLE_HELP}")
+        self.loss_calls.append(call)
+        self.scaled[id(output)] = (call, 1.0)
+        return output
+
+    def _track_scaling(self, func, args, kwargs, result):
+        call, factor = self.scaled[id(args[0])]
+        if func in _SCALINGS:
+            other = args[1] if len(args) > 1 else kwargs.get("other")
+            if isinstance(other, Tensor):
+                if fwAD.unpack_dual(other).tangent is not None or other.numel() != 1:
+                    return
+                other = other.item()
+            if not isinstance(other, (int, float)):
+                return
+            divide = func in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div)
+            factor = factor / other if divide else factor * other
+        elif func in (torch.Tensor.mean, torch.Tensor.sum) and args[0].numel() != 1:
+            return
+        self.scaled[id(result)] = (call, factor)
+        call.scaled_copies.append(result)
+
+    def per_example_parts(self, loss: Tensor, batch_size: int) -> Tensor:
+        """(batch,) parts of the returned loss, one per example, as dual tensors."""
+        if loss.dim() == 1 and loss.shape[0] == batch_size:
+            return loss / batch_size
+        if id(loss) not in self.scaled:
+            raise PerExampleLossError(f"the closure's loss does not come from a loss function this "
+                                      f"estimator can split: {_PER_EXAMPLE_HELP}")
+        call, factor = self.scaled[id(loss)]
+        if call.per_example.numel() % batch_size:
+            raise PerExampleLossError(
+                f"the loss has {call.per_example.numel()} elements, not a multiple of the batch "
+                f"size {batch_size} (dimension 0 of the layer outputs): {_PER_EXAMPLE_HELP}")
+        return call.per_example.reshape(batch_size, -1).sum(1) * factor
+
+
+def _orthogonalise(tangents: Tensor) -> Tensor:
+    """Per example, replace the K directions (K, B, ...) by K orthogonal ones of norm √n, drawn
+    uniformly (Haar) when the input is Gaussian, so that E[u uᵀ] = I still holds."""
+    k, b = tangents.shape[:2]
+    n = tangents[0, 0].numel()
+    if k > n:
+        raise ValueError(f"cannot orthogonalise {k} directions in a layer output of {n} values "
+                         "per example: use orthogonal=False or at most that many directions.")
+    q, r = torch.linalg.qr(tangents.reshape(k, b, n).permute(1, 2, 0))  # (B, n, K)
+    q = q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)
+    return (q.permute(2, 0, 1) * math.sqrt(n)).reshape(tangents.shape)
+
+
+def _layer_gradients(layer: _Layer, output_grad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The weight and bias gradients that ``output_grad`` (shaped like the output) implies."""
+    if layer.func is F.linear:
+        g = output_grad.reshape(-1, output_grad.shape[-1])  # (rows, out)
+        weight = g.T @ layer.input.reshape(-1, layer.input.shape[-1])
+        return weight, (g.sum(0) if layer.bias is not None else None)
+    return _conv2d_gradients(layer, output_grad)
+
+
+def _conv2d_gradients(layer: _Layer, output_grad: Tensor):
+    weight, x = layer.weight, layer.input
+    if x.dim() != 4:
+        raise NoPerturbableLayerError("activity perturbation supports batched 4-D conv2d inputs "
+                                      f"only, got shape {tuple(x.shape)}: add a batch dimension.")
+    kernel = weight.shape[2:]
+    groups = layer.options.get("groups", 1)
+    stride, dilation = layer.options.get("stride", 1), layer.options.get("dilation", 1)
+    padding = layer.options.get("padding", 0)
+    if isinstance(padding, str):
+        dilation2 = (dilation, dilation) if isinstance(dilation, int) else dilation
+        if padding == "same" and any(d * (k - 1) % 2 for d, k in zip(dilation2, kernel)):
+            raise NoPerturbableLayerError("padding='same' with an even effective kernel is not "
+                                          "supported: pad explicitly with F.pad.")
+        padding = 0 if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(dilation2, kernel))
+    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, Cin·kh·kw, L)
+    b, out_channels = output_grad.shape[:2]
+    g = output_grad.reshape(b, groups, out_channels // groups, -1)  # (B, G, Cout/G, L)
+    columns = columns.reshape(b, groups, -1, columns.shape[-1])  # (B, G, Cin/G·kh·kw, L)
+    grad = torch.einsum("bgol,bgil->goi", g, columns).reshape(weight.shape)
+    return grad, (output_grad.sum((0, 2, 3)) if layer.bias is not None else None)
+
+
+def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
+                          sampler: TangentSampler, num_directions: int, seed: int,
+                          orthogonal: bool = False, freeze_running_stats: bool = False):
+    """The FG-A estimate, without ``reduce``: ``(loss, derivatives (K,), grads, used)``.
+
+    K directions run as K forward-mode passes that start from one RNG state (one dropout
+    mask); each layer's K tangents are drawn together at its first call.
+    """
+    if not params:
+        raise ParametersNotUsedError("no parameters to train: pass the model's trainable parameters.")
+    trained = {id(p): i for i, p in enumerate(params)}
+    layer_weights = set(trained)
+    activity_cache: dict[int, Tensor] = {}
+    weight_cache: dict[int, Tensor] = {}
+
+    def draw(tensor, tag, index):
+        tangent = sampler.sample([tensor], num_directions, derive_seed(seed, tag, index))[0]
+        return tangent.dense() if isinstance(tangent, RankOne) else tangent
+
+    grads: list[Optional[Tensor]] = [None] * len(params)
+
+    def add(index, value):
+        grads[index] = value if grads[index] is None else grads[index].add_(value)
+
+    derivatives, used, loss = [], set(), None
+    rng_state = torch.get_rng_state()
+    for k in range(num_directions):
+        torch.set_rng_state(rng_state)
+
+        def activity_tangent(call, primal):
+            if call not in activity_cache:
+                activity_cache[call] = draw(primal, 0, call)
+                if orthogonal:
+                    activity_cache[call] = _orthogonalise(activity_cache[call])
+            return activity_cache[call][k].to(primal.dtype)
+
+        def weight_tangent(param):
+            index = trained[id(param)]
+            if index not in weight_cache:
+                weight_cache[index] = draw(param, _SEED_WEIGHTS, index)
+            return weight_cache[index][k]
+
+        mode = _PerturbActivities(layer_weights, activity_tangent, weight_tangent, trained,
+                                  freeze_running_stats or k > 0)
+        with torch.no_grad(), _forward_ad_errors(), sdpa_kernel([SDPBackend.MATH]), fwAD.dual_level():
+            with mode:
+                returned = closure()
+            if not isinstance(returned, Tensor):
+                raise LossNotScalarError(f"the closure returned {type(returned).__name__}, not a "
+                                         "tensor: return the loss tensor.")
+            if not mode.layers:
+                raise NoPerturbableLayerError(
+                    "activity perturbation found no F.linear or F.conv2d call whose weight is a "
+                    "trained parameter (nn.Linear, nn.Conv2d): use estimator='weight' for this model.")
+            batch_size = mode.layers[0].tangent.shape[0]
+            if any(layer.tangent.shape[0] != batch_size for layer in mode.layers):
+                raise PerExampleLossError(
+                    "the perturbed layer outputs disagree on dimension 0 "
+                    f"({sorted({l.tangent.shape[0] for l in mode.layers})}): activity perturbation "
+                    "needs the batch first in every linear and conv2d output.")
+            parts = mode.per_example_parts(returned, batch_size)
+            primal_parts, tangent_parts = fwAD.unpack_dual(parts)
+            if tangent_parts is None:
+                tangent_parts = torch.zeros_like(primal_parts)
+        per_example = tangent_parts.float() / num_directions  # (B,) d_b / K
+        if loss is None:
+            loss = primal_parts.sum().detach()
+        derivatives.append(per_example.sum() * num_directions)
+        for layer in mode.layers:
+            scale = per_example.to(layer.tangent.dtype).reshape(-1, *[1] * (layer.tangent.dim() - 1))
+            weight_grad, bias_grad = _layer_gradients(layer, layer.tangent * scale)
+            add(trained[id(layer.weight)], weight_grad)
+            if bias_grad is not None:
+                add(trained[id(layer.bias)], bias_grad)
+        for index, tangent in weight_cache.items():
+            add(index, tangent[k] * derivatives[-1] / num_directions)
+        used |= mode.used
+        del mode
+    derivatives = torch.stack(derivatives)
+    return loss, derivatives, grads, [id(p) in used for p in params]
+
+
+def reduce_estimate(reduce: Optional[Reduce], derivatives: Tensor, grads: list[Optional[Tensor]]):
+    """Apply ``reduce`` once to the derivatives and all gradients, concatenated."""
+    if reduce is None:
+        return derivatives, grads
+    present = [g for g in grads if g is not None]
+    flat = reduce(torch.cat([derivatives.to(present[0].dtype)] + [g.reshape(-1) for g in present]))
+    derivatives, offset, reduced = flat[: len(derivatives)].float(), len(derivatives), []
+    for g in grads:
+        if g is None:
+            reduced.append(None)
+            continue
+        reduced.append(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return derivatives, reduced
+
+
+def check_finite(loss: Tensor, derivatives: Tensor) -> None:
+    if not bool(torch.isfinite(derivatives).all()):
+        raise NonFiniteDirectionalDerivativeError(
+            f"directional derivatives {derivatives.tolist()} are not finite (loss "
+            f"{loss.item():.4g}): lower the learning rate, or check the loss for log(0) and overflow.")
+
+
+class ActivityPerturbation:
+    """FG-A: per-example activity tangents on every trained linear / conv2d output.
+
+    Args:
+        orthogonal: make each example's K tangents of a layer orthogonal (norm √n), which
+            keeps the estimate unbiased with Gaussian tangents and lowers its variance.
+    """
+
+    def __init__(self, *, orthogonal: bool = False):
+        self.orthogonal = orthogonal
+
+    def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
+                 seed: int, reduce: Optional[Reduce] = None) -> Estimate:
+        loss, derivatives, grads, used = activity_perturbation(
+            closure, params, sampler=sampler, num_directions=num_directions, seed=seed,
+            orthogonal=self.orthogonal)
+        grads = [g if u else None for g, u in zip(grads, used)]
+        derivatives, grads = reduce_estimate(reduce, derivatives, grads)
+        check_finite(loss, derivatives)
+        return Estimate(loss, derivatives, grads)
+
+
+@hookimpl
+def register_estimators(register):
+    register("activity", ActivityPerturbation)

@@ -1,0 +1,234 @@
+"""LG-FG-A, activity perturbation with local losses (Ren, Kornblith, Liao and Hinton, ICLR 2023).
+
+A network is cut into blocks; every block but the last owns a small auxiliary head (average
+pooling, then a linear classifier) trained with the task's loss function on the block's
+output, and the input of every block is detached, so no gradient path joins two blocks. Each
+block's parameters then only answer to the block's own loss, and activity perturbation
+(:mod:`fwdgrad_plugins.activity`) estimates each block's gradient from that block's activities
+alone: far fewer dimensions than the whole network's, so far less variance. The last block
+ends in the main head and is trained on the task loss.
+
+``with_local_losses`` wraps an ``nn.Sequential`` (cut after each activation) or a list of
+blocks into a :class:`LocalLossNetwork`; the closure stays ``loss_fn(model(x), y)``. The
+``"local-activity"`` estimator runs the closure once without tangents, recording each block's
+input and the loss call, then does each block's forward-mode work on its own and releases it
+before the next block: tangent memory is that of one block.
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> from fwdgrad_plugins import ForwardGradientEstimator
+>>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> model = with_local_losses(mlp, num_classes=3, example_input=torch.zeros(1, 4))
+>>> [len(list(block.parameters())) for block in model.blocks], len(model.heads)
+([2, 2], 1)
+>>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+>>> fg = ForwardGradientEstimator(estimator="local-activity", seed=0)
+>>> estimate = fg.backward(lambda: F.cross_entropy(model(x), y), model.parameters())
+>>> all(p.grad is not None for p in model.parameters())
+True
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from fwdgrad_plugins.activity import (
+    _PerturbActivities, activity_perturbation, check_finite, reduce_estimate,
+)
+from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError
+from fwdgrad_plugins.estimators import Estimate, Reduce
+from fwdgrad_plugins.forward_mode import _forward_ad_errors
+from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.tangents import TangentSampler, derive_seed
+
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU)
+
+
+class NotLocalLossModelError(ForwardGradientError, ValueError):
+    """The local-loss estimator needs a model built by ``with_local_losses``."""
+
+
+class AuxiliaryHead(nn.Module):
+    """Average-pools a block's output to one vector per example, then a linear classifier.
+
+    (B, C, H, W) is pooled over H and W, (B, T, C) over T, (B, C) is used as it is.
+    """
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(features, num_classes)
+
+    @staticmethod
+    def pool(h: Tensor) -> Tensor:
+        if h.dim() == 4:
+            return h.mean((2, 3))
+        if h.dim() == 3:
+            return h.mean(1)
+        return h.flatten(1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.classifier(self.pool(h))
+
+
+class _BlockInputs:
+    """What one run of the closure records: each block's input and each network's output."""
+
+    def __init__(self):
+        self.inputs: list[tuple["LocalLossNetwork", int, Tensor]] = []
+        self.outputs: dict[int, Tensor] = {}  # by id, kept alive
+
+
+_recording: ContextVar[Optional[_BlockInputs]] = ContextVar("fwdgrad_block_inputs", default=None)
+
+
+class LocalLossNetwork(nn.Module):
+    """``blocks`` run in turn on detached inputs; ``heads[i]`` reads ``blocks[i]``'s output.
+
+    ``forward`` returns the last block's output (the main head's); the auxiliary heads are
+    used by the ``"local-activity"`` estimator, or by ``local_outputs`` for other training.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], heads: Sequence[nn.Module]):
+        super().__init__()
+        if len(heads) != len(blocks) - 1:
+            raise ValueError(f"{len(blocks)} blocks need {len(blocks) - 1} auxiliary heads "
+                             f"(every block but the last, which ends in the main head), got {len(heads)}.")
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        recording = _recording.get()
+        for index, block in enumerate(self.blocks):
+            x = x.detach()  # no gradient path between blocks
+            if recording is not None:
+                recording.inputs.append((self, index, x))
+            x = block(x)
+        if recording is not None:
+            recording.outputs[id(x)] = x
+        return x
+
+    def local_outputs(self, x: Tensor) -> list[Tensor]:
+        """Every head's output, the main one last: for training the same local losses by
+        backprop (sum the losses of all outputs and call ``backward()``)."""
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x.detach())
+            outputs.append(self.heads[index](x) if index < len(self.heads) else x)
+        return outputs
+
+
+def split_after_activations(model: nn.Sequential, activations=ACTIVATIONS) -> list[nn.Sequential]:
+    """Cut ``model`` after each activation module; the rest forms the last block."""
+    blocks, current = [], []
+    for module in model:
+        current.append(module)
+        if isinstance(module, activations):
+            blocks.append(nn.Sequential(*current))
+            current = []
+    if current:
+        blocks.append(nn.Sequential(*current))
+    return blocks
+
+
+def with_local_losses(model: Union[nn.Sequential, Sequence[nn.Module]], num_classes: int,
+                      example_input: Tensor, activations=ACTIVATIONS) -> LocalLossNetwork:
+    """Wrap ``model`` into blocks with auxiliary heads of ``num_classes`` outputs.
+
+    An ``nn.Sequential`` is cut after each activation (``split_after_activations``); a list of
+    modules is used as the blocks. ``example_input`` (one batch, any size) gives each block's
+    output shape. The blocks share the given modules (and their parameters).
+    """
+    if isinstance(model, nn.Sequential):
+        blocks = split_after_activations(model, activations)
+    elif isinstance(model, (list, tuple, nn.ModuleList)):
+        blocks = list(model)
+    else:
+        raise TypeError(f"with_local_losses takes an nn.Sequential or a list of blocks, got "
+                        f"{type(model).__name__}: pass the model's layers as a list of blocks.")
+    if len(blocks) < 2:
+        raise ValueError("the model forms a single block, so there is nothing to train locally: "
+                         "pass a list of blocks, or a Sequential with activations between layers.")
+    heads, x = [], example_input
+    with torch.no_grad():
+        for block in blocks[:-1]:
+            x = block(x)
+            heads.append(AuxiliaryHead(AuxiliaryHead.pool(x).shape[1], num_classes).to(x.device, x.dtype))
+    return LocalLossNetwork(blocks, heads)
+
+
+def _task_loss_call(mode: _PerturbActivities, recording: _BlockInputs, returned: Tensor):
+    """The loss call applied to a network's output, and the factor the closure scaled it by."""
+    if returned.numel() != 1:
+        raise LossNotScalarError(f"the closure returned a tensor of shape {tuple(returned.shape)}: "
+                                 "return the scalar loss of a torch loss function.")
+    found = mode.scaled.get(id(returned))
+    if found is None or id(found[0].args[0]) not in recording.outputs:
+        raise NotLocalLossModelError(
+            "local losses need the closure to return a torch loss function (e.g. F.cross_entropy) "
+            "applied to the LocalLossNetwork's output: `lambda: F.cross_entropy(model(x), y)`.")
+    return found
+
+
+class LocalActivityPerturbation:
+    """LG-FG-A: activity perturbation of each block of a :class:`LocalLossNetwork` on its own
+    local loss (the last block on the task loss), one block after another.
+
+    ``reduce`` is applied once to all derivatives and gradient estimates (see
+    :mod:`fwdgrad_plugins.activity`). ``directional_derivatives`` are the sums over blocks.
+    """
+
+    def __init__(self, *, orthogonal: bool = False):
+        self.orthogonal = orthogonal
+
+    def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
+                 seed: int, reduce: Optional[Reduce] = None) -> Estimate:
+        recording = _BlockInputs()
+        mode = _PerturbActivities(set(), None, None, {}, freeze_running_stats=False)
+        token = _recording.set(recording)
+        try:
+            with torch.no_grad(), _forward_ad_errors(), fwAD.dual_level(), mode:
+                returned = closure()
+        finally:
+            _recording.reset(token)
+        if not isinstance(returned, Tensor):
+            raise LossNotScalarError(f"the closure returned {type(returned).__name__}: return the loss tensor.")
+        if not recording.inputs:
+            raise NotLocalLossModelError(
+                "the closure ran no LocalLossNetwork: wrap the model with "
+                "fwdgrad_plugins.local_losses.with_local_losses(model, num_classes, example_input).")
+        call, factor = _task_loss_call(mode, recording, returned)
+        index_of = {id(p): i for i, p in enumerate(params)}
+        grads: list[Optional[Tensor]] = [None] * len(params)
+        total = torch.zeros(num_directions)
+        for network, index, x in recording.inputs:
+            head = network.heads[index] if index < len(network.heads) else nn.Identity()
+            block = network.blocks[index]
+            block_params = [p for m in (block, head) for p in m.parameters() if id(p) in index_of]
+            if not block_params:
+                continue
+
+            def local_loss(block=block, head=head, x=x):
+                return call.func(head(block(x)), *call.args[1:], **call.kwargs) * factor
+
+            _, derivatives, block_grads, used = activity_perturbation(
+                local_loss, block_params, sampler=sampler, num_directions=num_directions,
+                seed=derive_seed(seed, index), orthogonal=self.orthogonal, freeze_running_stats=True)
+            total += derivatives
+            for p, grad, is_used in zip(block_params, block_grads, used):
+                if is_used and grad is not None:
+                    i = index_of[id(p)]
+                    grads[i] = grad if grads[i] is None else grads[i].add_(grad)
+        loss = fwAD.unpack_dual(returned).primal.detach().reshape(())
+        derivatives, grads = reduce_estimate(reduce, total, grads)
+        check_finite(loss, derivatives)
+        return Estimate(loss, derivatives, grads)
+
+
+@hookimpl
+def register_estimators(register):
+    register("local-activity", LocalActivityPerturbation)
