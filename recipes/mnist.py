@@ -1,0 +1,330 @@
+# The MNIST comparison of Baydin et al. 2022: forward gradient against backprop, same loop.
+#
+#   accelerate launch recipes/mnist.py --data-dir ../shared/data
+#   accelerate launch --multi_gpu --num_processes 2 recipes/mnist.py --data-dir ../shared/data   # CPU (gloo) or GPUs
+#   accelerate launch recipes/mnist.py --lr-sweep 3e-5,1e-4,3e-4,1e-3,3e-3 --epochs 1   # each method's best lr
+#
+# Defaults are the paper's: MLP 784-1024-1024-10, global batch 64, SGD lr 2e-4 decayed as
+# lr·exp(-1e-4·step), one tangent, both methods from identical initial weights. It prints a
+# table per method and their ratio, and writes results.json and PNG plots to --output-dir.
+"""Forward gradient vs backprop on MNIST, through ``fwdgrad_plugins.integrations.accelerate_loop``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader
+
+import fwdgrad_plugins
+from fwdgrad_plugins import ForwardGradientEstimator, data, models
+from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
+from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
+
+MODELS = {"mlp": models.paper_mlp, "cnn": models.paper_cnn}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+METHODS = {"both": ("fwdgrad", "backprop"), "fwdgrad": ("fwdgrad",), "backprop": ("backprop",)}
+
+
+def _number(kind, minimum):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value >= minimum:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        return value
+    return parse
+
+
+positive_int, positive_float = _number(int, 1), _number(float, 1e-300)
+
+
+def learning_rates(text):
+    """'1e-4,2e-4' -> [1e-4, 2e-4]."""
+    return [positive_float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--method", choices=list(METHODS), default="both", help="which method(s) to train")
+    add("--model", choices=list(MODELS), default="mlp", help="the paper's MLP or CNN")
+    add("--epochs", type=positive_int, default=1, help="passes over the training set")
+    add("--max-steps", type=positive_int, default=None, help="stop after this many updates")
+    add("--batch-size", type=positive_int, default=64, help="global batch, split across processes")
+    add("--lr", type=positive_float, default=2e-4, help="initial learning rate")
+    add("--lr-decay", type=_number(float, 0.0), default=1e-4, help="lr·exp(-decay·step)")
+    add("--lr-sweep", type=learning_rates, default=None,
+        help="comma-separated learning rates: run each method at each and report each method's best")
+    add("--optimizer", choices=list(OPTIMIZERS), default="sgd", help="inner torch optimizer")
+    add("--num-directions", type=positive_int, default=1, help="tangents averaged per step (K)")
+    add("--tangents", choices=fwdgrad_plugins.registered("tangent_samplers"), default="gaussian",
+        help="tangent sampler")
+    add("--estimator", choices=fwdgrad_plugins.registered("estimators"), default="weight",
+        help="gradient estimator")
+    add("--seed", type=int, default=0, help="seed of the initial weights, data order and tangents")
+    add("--data-dir", default=None,
+        help="folder with MNIST/raw (default: $FWDGRAD_DATA_DIR, else ./data, downloading there)")
+    add("--train-limit", type=positive_int, default=None, help="use the first N training images")
+    add("--test-limit", type=positive_int, default=None, help="use the first N test images")
+    add("--eval-every", type=positive_int, default=200, help="steps between test evaluations")
+    add("--checkpoint-every", type=positive_int, default=None,
+        help="steps between checkpoints (the last step is always saved)")
+    add("--output-dir", default="runs/mnist", help="results.json, plots, logs and checkpoints")
+    add("--resume-from", default=None,
+        help="an earlier --output-dir: each run continues from its newest checkpoint there")
+    args = parser.parse_args(argv)
+    if args.resume_from is not None and not Path(args.resume_from).is_dir():
+        parser.error(f"--resume-from {args.resume_from}: no such folder; pass an earlier --output-dir.")
+    args.download = args.data_dir is None and not os.environ.get("FWDGRAD_DATA_DIR")
+    args.data_dir = data.data_dir(args.data_dir)
+    try:
+        data.check_mnist(args.data_dir, download=args.download)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    return args
+
+
+def run_folder(args, method, lr) -> str:
+    return method if args.lr_sweep is None else f"sweep/{method}-lr{lr:g}"
+
+
+def newest_checkpoint(folder: Path):
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def run(args, method, lr, datasets, initial_weights) -> dict:
+    """Train one method at one learning rate; returns its results (histories included)."""
+    folder = run_folder(args, method, lr)
+    logs = Path(args.output_dir) / folder
+    accelerator = Accelerator(
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
+                                                  data_seed=args.seed),
+        log_with=file_trackers(logs), project_dir=str(logs),
+    )
+    if args.batch_size % accelerator.num_processes:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
+                         f"{accelerator.num_processes} processes: pass a multiple of it.")
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(folder.replace("/", "-"), config={**config, "method": method, "lr": lr,
+                                                                 "data_dir": str(args.data_dir)})
+    model = MODELS[args.model]()
+    model.load_state_dict(initial_weights)
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-args.lr_decay))
+    estimator = None
+    if method == "fwdgrad":
+        estimator = ForwardGradientEstimator(estimator=args.estimator, tangents=args.tangents,
+                                             num_directions=args.num_directions, seed=args.seed)
+    train_set, test_set = datasets
+    resume = newest_checkpoint(Path(args.resume_from) / folder / "checkpoints") if args.resume_from else None
+    if args.resume_from and accelerator.is_main_process:
+        print(f"{folder}: " + (f"resuming from {resume}" if resume else "no checkpoint, starting afresh"))
+    result = train(
+        accelerator, model, optimizer,
+        DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True),
+        DataLoader(test_set, batch_size=500 * accelerator.num_processes),
+        torch.nn.functional.cross_entropy, method=method, estimator=estimator, scheduler=scheduler,
+        options=TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
+                                checkpoint_dir=str(logs / "checkpoints"),
+                                checkpoint_every=args.checkpoint_every, resume_from=resume, run_name=folder),
+    )
+    accelerator.end_training()
+    return {"lr": lr, "folder": folder, "device": describe_device(accelerator), **vars(result)}
+
+
+def describe_device(accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name(accelerator.device)
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads/process"
+
+
+def best_runs(runs) -> dict:
+    """Per method, the run with the highest final test accuracy among those that did not diverge
+    (the only run when there was no sweep, diverged or not)."""
+    best = {}
+    for r in runs:
+        current = best.get(r["method"])
+        if current is None or (current["diverged"] and not r["diverged"]) or (
+                not r["diverged"] and r["test_accuracy"] > current["test_accuracy"]):
+            best[r["method"]] = r
+    return best
+
+
+# ---- reporting: table, results.json, plots -------------------------------------------------
+
+ROWS = [  # (label, key, format)
+    ("learning rate", "lr", "{:g}"),
+    ("steps", "steps", "{}"),
+    ("final train loss (mean of last 50 steps)", "final_train_loss", "{:.4f}"),
+    ("test accuracy (%)", "test_accuracy", "{:.2%}"),
+    ("median time per step (ms)", "median_step_seconds", "{:.2f}"),
+    ("steps per second", "steps_per_second", "{:.1f}"),
+    ("peak memory of a step (MiB)", "peak_step_memory_bytes", "{:.2f}"),
+    ("bytes all-reduced per step", "bytes_per_step", "{:,}"),
+]
+
+
+def cell(run, key, fmt) -> str:
+    value = run[key]
+    if run["diverged"] and key in ("final_train_loss", "test_accuracy"):
+        return f"diverged (step {run['diverged_at'] or '?'})"
+    if key == "test_accuracy":
+        return fmt.format(value).rstrip("%")
+    if key == "median_step_seconds":
+        value *= 1000
+    if key == "peak_step_memory_bytes":
+        value = math.nan if value is None else value / 2**20
+    return fmt.format(value)
+
+
+def ratio(a, b, key, run_a, run_b) -> str:
+    if key in ("lr", "steps") or (key in ("final_train_loss", "test_accuracy") and (run_a["diverged"] or run_b["diverged"])):
+        return ""
+    if not b or a is None or b is None:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def table(best) -> str:
+    methods = [m for m in ("fwdgrad", "backprop") if m in best]
+    header = ["", *methods] + (["fwdgrad / backprop"] if len(methods) == 2 else [])
+    lines = [header]
+    for label, key, fmt in ROWS:
+        line = [label, *(cell(best[m], key, fmt) for m in methods)]
+        if len(methods) == 2:
+            line.append(ratio(best["fwdgrad"][key], best["backprop"][key], key, best["fwdgrad"], best["backprop"]))
+        lines.append(line)
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
+    text = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
+
+
+def finite_or_none(value):
+    """JSON has no NaN: a diverged or missing number is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def write_results(args, runs, best, folder: Path) -> None:
+    summary = []
+    for r in runs:
+        entry = {k: v for k, v in r.items() if k not in ("losses", "evaluations")}
+        if r["diverged"]:
+            entry.update(final_train_loss="diverged", test_accuracy="diverged")
+        summary.append(entry)
+    results = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "best_lr": {m: r["lr"] for m, r in best.items()},
+        "runs": summary,
+        "histories": {r["folder"]: {"losses": r["losses"], "evaluations": r["evaluations"]} for r in runs},
+    }
+    (folder / "results.json").write_text(json.dumps(finite_or_none(results), indent=1, allow_nan=False))
+
+
+def smooth(values, window=25):
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(runs, best, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curves(filename, x_label, y_label, series):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, xs, ys in series:
+            ax.plot(xs, ys, label=label)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / filename, dpi=90)
+        plt.close(fig)
+
+    def label(r):
+        return f"{r['method']} (lr {r['lr']:g})"
+
+    shown = list(best.values())
+    curves("loss_vs_step.png", "step", "train loss (moving average of 25)",
+           [(label(r), [s for s, _, _ in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
+    curves("loss_vs_time.png", "training seconds", "train loss (moving average of 25)",
+           [(label(r), [t for _, _, t in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
+    curves("accuracy_vs_step.png", "step", "test accuracy",
+           [(label(r), [s for s, _, _ in r["evaluations"]], [a for _, a, _ in r["evaluations"]]) for r in shown])
+    if len({r["lr"] for r in runs}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted({r["method"] for r in runs}):
+            mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["lr"])
+            ok = [r for r in mine if not r["diverged"]]
+            line, = ax.plot([r["lr"] for r in ok], [r["test_accuracy"] for r in ok], "o-", label=method)
+            bad = [r["lr"] for r in mine if r["diverged"]]
+            if bad:
+                ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), markersize=10,
+                        label=f"{method}: diverged")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "lr_sweep.png", dpi=90)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # The first process downloads when needed, the others then read the files.
+    with PartialState().main_process_first():
+        datasets = (data.mnist(args.data_dir, train=True, limit=args.train_limit, download=args.download),
+                    data.mnist(args.data_dir, train=False, limit=args.test_limit, download=args.download))
+    torch.manual_seed(args.seed)
+    initial_weights = {k: v.clone() for k, v in MODELS[args.model]().state_dict().items()}
+    runs = [run(args, method, lr, datasets, initial_weights)
+            for lr in (args.lr_sweep or [args.lr]) for method in METHODS[args.method]]
+    if not PartialState().is_main_process:
+        return
+    best = best_runs(runs)
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.lr_sweep:
+        for r in runs:
+            status = (f"diverged at step {r['diverged_at']}" if r["diverged"]
+                      else f"test accuracy {r['test_accuracy']:.2%}, final train loss {r['final_train_loss']:.4f}")
+            print(f"sweep {r['method']:8s} lr {r['lr']:<8g} {status}")
+    n = runs[0]["num_processes"]
+    print(f"\n{args.model.upper()} on {runs[0]['device']}, {n} process(es), "
+          f"global batch {args.batch_size}"
+          + (": nothing is communicated on one process" if n == 1 else ""))
+    print(table(best))
+    write_results(args, runs, best, folder)
+    plot(runs, best, folder)
+    print(f"wrote {folder / 'results.json'} and plots to {folder}")
+
+
+if __name__ == "__main__":
+    main()
