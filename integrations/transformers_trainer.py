@@ -1,0 +1,318 @@
+"""HuggingFace ``Trainer`` with forward gradients: ``FwdGradTrainer`` and ``--optim fwdgrad``.
+
+``FwdGradTrainingArguments`` accepts ``optim="fwdgrad"`` and the ``fwdgrad_*`` options below;
+``FwdGradTrainer`` replaces ``accelerator.backward(loss)`` by
+``ForwardGradientEstimator.backward(closure)`` in ``training_step`` and keeps the rest of
+``Trainer``: the inner optimizer (``--fwdgrad_inner_optim``, built by Trainer from
+``--learning_rate``, ``--weight_decay``, ``--adam_*`` and ``--optim_args``), LR schedulers,
+``max_grad_norm`` (the estimate sits in ``.grad``), evaluation, logging and checkpoints.
+
+>>> import tempfile, torch
+>>> from transformers import BertConfig, BertForSequenceClassification
+>>> from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments
+>>> config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+...                     intermediate_size=16, max_position_embeddings=8)
+>>> model = BertForSequenceClassification(config)
+>>> data = [{"input_ids": torch.randint(20, (8,)), "labels": i % 2} for i in range(8)]
+>>> args = FwdGradTrainingArguments(tempfile.mkdtemp(), optim="fwdgrad", fwdgrad_num_directions=2,
+...                                 learning_rate=1e-3, max_steps=2, per_device_train_batch_size=4,
+...                                 use_cpu=True, report_to="none", save_strategy="no")
+>>> trainer = FwdGradTrainer(model=model, args=args, train_dataset=data)
+>>> trainer.train().global_step  # doctest: +ELLIPSIS
+{'train_runtime': ...}
+2
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from fwdgrad_plugins import plugins
+from fwdgrad_plugins.estimators import ForwardGradientEstimator
+
+FWDGRAD = "fwdgrad"
+ESTIMATOR_STATE_NAME = "forward_gradient.json"  # in each checkpoint folder, next to optimizer.pt
+ENABLE_HINT = (
+    "use `from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments` in place of "
+    "Trainer and TrainingArguments (HfArgumentParser(FwdGradTrainingArguments) for scripts)"
+)
+
+# Inner optimizers that update parameters inside backward() (LOMO) or from gradient hooks
+# (layer-wise GaLore/APOLLO): forward-gradient training calls neither, so they would never step.
+_INNER_OPTIMIZERS_NEEDING_BACKWARD = frozenset(
+    name.value for name in OptimizerNames if name.value in ("lomo", "adalomo") or name.value.endswith("layerwise")
+)
+
+
+def _refuse_plain_trainer(context):
+    raise ValueError(
+        "optim='fwdgrad' needs FwdGradTrainer: the plain transformers.Trainer would train with "
+        f"backpropagation. Replace `Trainer(...)` by `FwdGradTrainer(...)` ({ENABLE_HINT})."
+    )
+
+
+def _register_refusal_with_trainer() -> None:
+    """A plain Trainer looks ``optim`` up in its optimizer table when it builds the optimizer,
+    before the first step: for "fwdgrad" it then raises ``_refuse_plain_trainer``'s message
+    instead of the generic "unsupported optimizer" (which it raises without this table)."""
+    try:
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+    except ImportError:
+        return
+    _OPTIMIZER_HANDLERS.setdefault(FWDGRAD, _refuse_plain_trainer)
+
+
+_register_refusal_with_trainer()
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class FwdGradTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` that also accept ``optim="fwdgrad"`` (``--optim fwdgrad``).
+
+    With ``optim="fwdgrad"``, ``FwdGradTrainer`` estimates gradients in forward mode and
+    steps the inner optimizer ``fwdgrad_inner_optim``, which Trainer builds from the usual
+    ``learning_rate``, ``weight_decay``, ``adam_*`` and ``optim_args``
+    (``--optim_args momentum=0.9`` for SGD momentum). Every ``fwdgrad_*`` value is checked
+    here, so a bad one fails before training. ``optim`` stays ``"fwdgrad"`` after
+    ``__post_init__``: a plain ``Trainer`` refuses it when it builds its optimizer.
+
+    >>> args = FwdGradTrainingArguments("out", optim="fwdgrad", fwdgrad_num_directions=4, use_cpu=True)
+    >>> args.forward_gradient, args.fwdgrad_inner_optim, args.fwdgrad_seed == args.seed
+    (True, 'sgd', True)
+    """
+
+    optim: str = field(
+        default=TrainingArguments.__dataclass_fields__["optim"].default,
+        metadata={
+            "help": "The optimizer to use: 'fwdgrad' for forward-gradient training (no backward "
+            "pass; see the --fwdgrad_* options), or any `OptimizerNames` value for backpropagation.",
+            "choices": [FWDGRAD, *(name.value for name in OptimizerNames)],
+        },
+    )
+    fwdgrad_num_directions: int = field(
+        default=1, metadata=_help("Forward gradient: tangents averaged per micro-batch (K >= 1; "
+                                  "more lowers the variance of the estimate, each costs a jvp).")
+    )
+    fwdgrad_tangents: str = field(
+        default="gaussian", metadata=_help("Forward gradient: registered tangent sampler "
+                                           "(`python -m fwdgrad_plugins list`): gaussian, rademacher, rank1-gaussian, ...")
+    )
+    fwdgrad_estimator: str = field(
+        default="weight", metadata=_help("Forward gradient: registered gradient estimator ('weight' is the paper's FG-W).")
+    )
+    fwdgrad_seed: Optional[int] = field(
+        default=None, metadata=_help("Forward gradient: seed of the tangents (default: --seed). Every "
+                                     "process uses the same one, so tangents are shared without communication.")
+    )
+    fwdgrad_inner_optim: str = field(
+        default="sgd",
+        metadata={
+            "help": "Forward gradient: the optimizer that applies the estimate, any --optim value that "
+            "steps from .grad (sgd as in the paper, adamw_torch, ...); it takes --learning_rate, "
+            "--weight_decay, --adam_* and --optim_args.",
+            "choices": sorted(name.value for name in OptimizerNames if name.value not in _INNER_OPTIMIZERS_NEEDING_BACKWARD),
+        },
+    )
+
+    def __post_init__(self):
+        if self.fwdgrad_seed is None:
+            self.fwdgrad_seed = self.seed
+        forward_gradient = self.optim == FWDGRAD
+        if forward_gradient:
+            self._check_fwdgrad_options()
+            self.optim = self.fwdgrad_inner_optim  # TrainingArguments checks the rest against it
+        else:
+            self._warn_if_fwdgrad_options_unused()
+        super().__post_init__()
+        if forward_gradient:
+            self.optim = FWDGRAD
+
+    @property
+    def forward_gradient(self) -> bool:
+        """True when training runs with forward gradients (``optim="fwdgrad"``)."""
+        return self.optim == FWDGRAD
+
+    def _check_fwdgrad_options(self) -> None:
+        n = self.fwdgrad_num_directions
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(
+                f"--fwdgrad_num_directions must be an integer >= 1, got {n!r}: use 1 for the "
+                "paper's estimator, more to lower its variance."
+            )
+        for kind, option in (("tangent_samplers", "fwdgrad_tangents"), ("estimators", "fwdgrad_estimator")):
+            try:
+                plugins.get(kind, getattr(self, option))
+            except plugins.UnknownNameError as error:
+                raise ValueError(f"--{option}: {error}") from None
+        inner = str(getattr(self.fwdgrad_inner_optim, "value", self.fwdgrad_inner_optim))
+        known = {name.value for name in OptimizerNames}
+        if inner not in known or inner in _INNER_OPTIMIZERS_NEEDING_BACKWARD:
+            why = ("updates parameters during backward(), which forward-gradient training never calls"
+                   if inner in known else "is not an optimizer Trainer knows")
+            usable = ", ".join(sorted(known - _INNER_OPTIMIZERS_NEEDING_BACKWARD))
+            raise ValueError(f"--fwdgrad_inner_optim {inner!r} {why}: choose one of {usable}.")
+        self.fwdgrad_inner_optim = inner
+
+    def _warn_if_fwdgrad_options_unused(self) -> None:
+        defaults = type(self).__dataclass_fields__
+        changed = [name for name in ("fwdgrad_num_directions", "fwdgrad_tangents", "fwdgrad_estimator",
+                                     "fwdgrad_inner_optim")
+                   if getattr(self, name) != defaults[name].default]
+        if changed:
+            warnings.warn(
+                f"{', '.join('--' + name for name in changed)} set but --optim is {self.optim!r}, so "
+                "training uses backpropagation: pass --optim fwdgrad to train with forward gradients.",
+                UserWarning, stacklevel=3,
+            )
+
+
+class FwdGradTrainer(Trainer):
+    """``Trainer`` whose ``training_step`` estimates gradients in forward mode when
+    ``args.optim == "fwdgrad"``; with any other ``optim`` it is ``Trainer``.
+
+    - Each micro-batch of a gradient-accumulation step draws its own tangents (the
+      estimator's step advances per micro-batch) and adds its estimate to ``.grad``; the loss
+      is scaled for accumulation exactly as ``Trainer`` scales it.
+    - ``max_grad_norm`` clips the accumulated estimate; schedulers and warm-up act on the
+      inner optimizer.
+    - Logs add ``fwdgrad_mean_abs_dd`` / ``fwdgrad_max_abs_dd`` (the directional derivatives
+      ∇f·v of the accumulation-scaled loss, since the last log) and ``fwdgrad_skipped``.
+    - Checkpoints hold ``forward_gradient.json`` (seed, step): a resumed run redraws the same
+      tangents and ends bit-identical to an uninterrupted one.
+    - Several processes (``accelerate launch``): the K derivatives are averaged over
+      processes and every process applies the same update from shared tangents, so there is
+      no gradient all-reduce; the unwrapped model is called (torch.func cannot trace DDP).
+    - Frozen parameters (``requires_grad=False``) are not in the optimizer and never perturbed.
+
+    See the module docstring for a runnable example.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forward_gradient: Optional[ForwardGradientEstimator] = None
+        if not getattr(self.args, "forward_gradient", False):
+            return
+        self._check_supported_setup()
+        self.forward_gradient = ForwardGradientEstimator(
+            estimator=self.args.fwdgrad_estimator, tangents=self.args.fwdgrad_tangents,
+            num_directions=self.args.fwdgrad_num_directions, seed=self.args.fwdgrad_seed,
+        )
+        self._derivative_stats = _DerivativeStats()
+
+    def _check_supported_setup(self) -> None:
+        from fwdgrad_plugins.integrations.torch_optim import ForwardGradient
+
+        unsupported = [name for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled))
+                       if on]
+        if unsupported:
+            raise ValueError(
+                f"optim='fwdgrad' does not support {' or '.join(unsupported)}: forward-gradient "
+                "training keeps every parameter whole on each process; use plain data parallelism "
+                "(`accelerate launch` with the default multi-GPU/CPU config)."
+            )
+        if isinstance(self.optimizer, ForwardGradient):
+            raise ValueError(
+                "pass the inner optimizer to FwdGradTrainer (optimizers=(opt.optimizer, scheduler)), "
+                "not a ForwardGradient wrapper: with optim='fwdgrad' the trainer runs the estimator itself."
+            )
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """Trainer's optimizer table, with ``optim="fwdgrad"`` read as its inner optimizer."""
+        if getattr(args, "forward_gradient", False):
+            args = copy.copy(args)  # a shallow view; __post_init__ does not run again
+            args.optim = OptimizerNames(args.fwdgrad_inner_optim)
+        return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.forward_gradient is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+
+        def closure():
+            with self.compute_loss_context_manager():
+                # A copy: compute_loss may pop "labels", and the closure can run K times.
+                loss = self.compute_loss(unwrapped, dict(inputs), num_items_in_batch=num_items_in_batch)
+            return self._scale_for_accumulation(loss, num_items_in_batch)
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        reduce = (lambda d: self.accelerator.reduce(d, "mean")) if self.accelerator.num_processes > 1 else None
+        estimate = self.forward_gradient.backward(closure, params, reduce=reduce)
+        self._derivative_stats.add(estimate.directional_derivatives)
+        return estimate.loss.detach().to(self.args.device)
+
+    def _scale_for_accumulation(self, loss, num_items_in_batch):
+        """Trainer.training_step's scaling: a per-batch mean loss is divided by the number of
+        micro-batches, unless the model or ``compute_loss_func`` normalised it already."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return loss if scaled else loss / self.current_gradient_accumulation_steps
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        if self.forward_gradient is not None and "loss" in logs:
+            logs.update(self._derivative_stats.flush())
+            logs["fwdgrad_skipped"] = self.forward_gradient.skipped
+        super().log(logs, start_time)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.forward_gradient is not None and self.args.should_save:
+            with open(os.path.join(output_dir, ESTIMATOR_STATE_NAME), "w") as file:
+                json.dump(self.forward_gradient.state_dict(), file, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.forward_gradient is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ESTIMATOR_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {ESTIMATOR_STATE_NAME}, so it was not saved by a forward-gradient "
+                "run and its tangents cannot be continued: resume it with the optim it was trained "
+                "with, or load its weights with from_pretrained() and start a new --optim fwdgrad run."
+            )
+        with open(path) as file:
+            self.forward_gradient.load_state_dict(json.load(file))
+
+
+class _DerivativeStats:
+    """Running |∇f·v| statistics between two logs, kept on the device until logged."""
+
+    def __init__(self):
+        self.abs_sum, self.abs_max, self.count = None, None, 0
+
+    def add(self, derivatives: torch.Tensor) -> None:
+        finite = derivatives[torch.isfinite(derivatives)].abs()
+        if finite.numel() == 0:
+            return
+        total, largest = finite.sum(), finite.max()
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.abs_max = largest if self.abs_max is None else torch.maximum(self.abs_max, largest)
+        self.count += finite.numel()
+
+    def flush(self) -> dict:
+        if not self.count:
+            return {}
+        stats = {"fwdgrad_mean_abs_dd": self.abs_sum.item() / self.count, "fwdgrad_max_abs_dd": self.abs_max.item()}
+        self.__init__()
+        return stats
