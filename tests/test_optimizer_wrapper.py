@@ -1,0 +1,166 @@
+"""ForwardGradient keeps torch.optim's contract and trains real models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fwdgrad_plugins import ForwardGradient
+from fwdgrad_plugins.data import mnist
+
+INNER = {
+    "sgd": (lambda params: torch.optim.SGD(params, lr=5e-3)),
+    "adam": (lambda params: torch.optim.Adam(params, lr=3e-3)),
+}
+
+
+@pytest.fixture(scope="module")
+def mnist_subset(mnist_root):
+    return mnist(mnist_root, train=True, limit=2048).tensors
+
+
+def small_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def train(model, opt, images, labels, steps, batch=64, scheduler=None):
+    losses = []
+    for step in range(steps):
+        i = torch.arange(step * batch, (step + 1) * batch) % len(images)
+        opt.zero_grad()
+        losses.append(opt.step(lambda: F.cross_entropy(model(images[i]), labels[i])).item())
+        if scheduler is not None:
+            scheduler.step()
+    return losses
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+def test_trains_mnist_subset(inner, mnist_subset):
+    images, labels = mnist_subset
+    model = small_mlp()
+    opt = ForwardGradient(INNER[inner](model.parameters()), num_directions=4, seed=0)
+    losses = train(model, opt, images, labels, steps=200)
+    start, end = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
+    assert end < 0.8 * start, f"loss went from {start:.3f} to {end:.3f}"
+
+
+def test_is_an_optimizer_sharing_the_inner_state():
+    model = small_mlp()
+    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = ForwardGradient(inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss = opt.step(lambda: F.cross_entropy(model(x), y))
+    assert loss.shape == () and torch.isfinite(loss) and len(inner.state) == 4
+
+
+def test_step_lr_scheduler_drives_the_inner_learning_rate():
+    model = small_mlp()
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.01))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with _no_scheduler_warning():
+        train(model, opt, x, y, steps=7, batch=8, scheduler=scheduler)
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.1**2)
+
+
+class _no_scheduler_warning:
+    """Fails if torch warns that the scheduler stepped before the optimizer."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self.records = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        assert not [r for r in self.records if "lr_scheduler.step()" in str(r.message)]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    make = lambda m: ForwardGradient(torch.optim.Adam(m.parameters(), lr=1e-3), num_directions=2,
+                                     tangents="rademacher", seed=5)
+    model = small_mlp()
+    start = copy.deepcopy(model.state_dict())
+
+    uninterrupted = small_mlp()
+    uninterrupted.load_state_dict(start)
+    opt = make(uninterrupted)
+    train(uninterrupted, opt, x, y, steps=10, batch=16)
+
+    first = small_mlp()
+    first.load_state_dict(start)
+    opt = make(first)
+    train(first, opt, x, y, steps=5, batch=16)
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    resumed = small_mlp()
+    resumed.load_state_dict(checkpoint["model"])
+    opt = make(resumed)
+    opt.load_state_dict(checkpoint["opt"])
+    # the second half sees batches 5..9, as the uninterrupted run did
+    for step in range(5, 10):
+        i = torch.arange(step * 16, (step + 1) * 16) % 64
+        opt.zero_grad()
+        opt.step(lambda: F.cross_entropy(resumed(x[i]), y[i]))
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_holds_tensors_and_plain_values_only():
+    model = small_mlp()
+    opt = ForwardGradient(torch.optim.Adam(model.parameters()), seed=3)
+    opt.step(lambda: model(torch.randn(2, 1, 28, 28)).sum())
+    state = opt.state_dict()["forward_gradient"]
+    assert state == {"estimator": "weight", "tangents": "gaussian", "num_directions": 1,
+                     "seed": 3, "step": 1, "skipped": 0}
+
+
+def test_loading_a_checkpoint_with_other_options_fails_clearly():
+    model = small_mlp()
+    saved = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1), num_directions=2).state_dict()
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1), num_directions=4)
+    with pytest.raises(ValueError, match="num_directions"):
+        opt.load_state_dict(saved)
+
+
+def test_clip_grad_norm_through_an_inner_step_pre_hook():
+    model = small_mlp()
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.0))
+    norms = []
+    opt.optimizer.register_step_pre_hook(
+        lambda *_: norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+    opt.step(lambda: F.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,))))
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norms[0] > 0.5 and total == pytest.approx(0.5, rel=1e-4)
+
+
+def test_parameters_the_loss_does_not_use_are_left_alone():
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
+    before = copy.deepcopy(model.state_dict())
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.step(lambda: model["used"](torch.randn(4, 3)).pow(2).mean())
+    assert model["unused"].weight.grad is None
+    assert torch.equal(model["unused"].weight, before["unused.weight"])
+    assert not torch.equal(model["used"].weight, before["used.weight"])
+
+
+def test_embedding_padding_row_is_never_updated():
+    embedding = nn.Embedding(10, 4, padding_idx=0)
+    head = nn.Linear(4, 1)
+    params = list(embedding.parameters()) + list(head.parameters())
+    opt = ForwardGradient(torch.optim.SGD(params, lr=0.1), num_directions=3)
+    ids = torch.tensor([[0, 1, 2], [0, 3, 0]])
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: head(embedding(ids)).pow(2).mean())
+    assert torch.equal(embedding.weight[0], torch.zeros(4))
+    assert embedding.weight.grad[0].abs().sum() == 0 and embedding.weight.grad[1].abs().sum() > 0
