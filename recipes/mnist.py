@@ -30,6 +30,8 @@ from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 
 MODELS = {"mlp": models.paper_mlp, "cnn": models.paper_cnn}
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# Without an accelerator, Accelerate needs cpu=True to form a multi-process (gloo) group.
+ON_CPU = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available())
 METHODS = {"both": ("fwdgrad", "backprop"), "fwdgrad": ("fwdgrad",), "backprop": ("backprop",)}
 
 
@@ -108,6 +110,7 @@ def run(args, method, lr, datasets, initial_weights) -> dict:
     folder = run_folder(args, method, lr)
     logs = Path(args.output_dir) / folder
     accelerator = Accelerator(
+        cpu=ON_CPU,
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
                                                   data_seed=args.seed),
         log_with=file_trackers(logs), project_dir=str(logs),
@@ -139,7 +142,8 @@ def run(args, method, lr, datasets, initial_weights) -> dict:
                                 checkpoint_dir=str(logs / "checkpoints"),
                                 checkpoint_every=args.checkpoint_every, resume_from=resume, run_name=folder),
     )
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # end_training() would also end the process group
+        tracker.finish()
     return {"lr": lr, "folder": folder, "device": describe_device(accelerator), **vars(result)}
 
 
@@ -299,14 +303,16 @@ def plot(runs, best, folder: Path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     # The first process downloads when needed, the others then read the files.
-    with PartialState().main_process_first():
+    with PartialState(cpu=ON_CPU).main_process_first():
         datasets = (data.mnist(args.data_dir, train=True, limit=args.train_limit, download=args.download),
                     data.mnist(args.data_dir, train=False, limit=args.test_limit, download=args.download))
     torch.manual_seed(args.seed)
     initial_weights = {k: v.clone() for k, v in MODELS[args.model]().state_dict().items()}
     runs = [run(args, method, lr, datasets, initial_weights)
             for lr in (args.lr_sweep or [args.lr]) for method in METHODS[args.method]]
-    if not PartialState().is_main_process:
+    state = PartialState(cpu=ON_CPU)
+    state.destroy_process_group()
+    if not state.is_main_process:
         return
     best = best_runs(runs)
     folder = Path(args.output_dir)

@@ -1,0 +1,152 @@
+"""recipes/mnist.py through its real command (`accelerate launch`), on a small MNIST subset:
+results and plots, two processes against one, stop-and-resume, the sweep, bad input."""
+
+import importlib.util
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fwdgrad_plugins.models import paper_mlp
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist.py")
+# 128 images at batch 32: 4 steps per epoch, so 6 steps cross an epoch and step 3 is mid-epoch.
+SMALL = ["--train-limit", "128", "--test-limit", "100", "--batch-size", "32", "--max-steps", "6",
+         "--epochs", "2", "--lr", "1e-3", "--eval-every", "2"]
+METHODS = ("fwdgrad", "backprop")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mnist_root, output_dir, *args, processes=1):
+    """`accelerate launch` with every option given, so no accelerate config file is needed."""
+    placement = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *placement, "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+               "--main_process_port", str(free_port()), RECIPE, "--data-dir", str(mnist_root),
+               "--output-dir", str(output_dir), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def final_weights(output_dir, method, steps=6):
+    return load_file(str(output_dir / method / "checkpoints" / f"checkpoint-{steps}" / "model.safetensors"))
+
+
+def results(output_dir):
+    return json.loads((output_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(mnist_root, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("one_process")
+    stdout = launch(mnist_root, output_dir, *SMALL)
+    return output_dir, stdout
+
+
+def test_recipe_trains_both_methods_and_writes_finite_results_and_plots(one_process):
+    output_dir, stdout = one_process
+    runs = {r["method"]: r for r in results(output_dir)["runs"]}
+    assert set(runs) == set(METHODS)
+    for run in runs.values():
+        assert run["steps"] == 6 and not run["diverged"] and run["bytes_per_step"] == 0
+        for key in ("final_train_loss", "test_accuracy", "median_step_seconds", "steps_per_second",
+                    "peak_step_memory_bytes"):
+            assert isinstance(run[key], (int, float)) and math.isfinite(run[key]) and run[key] >= 0, key
+    histories = results(output_dir)["histories"]
+    assert [s for s, _, _ in histories["fwdgrad"]["losses"]] == list(range(1, 7))
+    assert [s for s, _, _ in histories["backprop"]["evaluations"]] == [2, 4, 6]
+    for plot in ("loss_vs_step.png", "loss_vs_time.png", "accuracy_vs_step.png"):
+        assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    for method in METHODS:  # the trackers' files
+        assert (output_dir / method / "metrics.jsonl").stat().st_size > 0
+        assert (output_dir / method / "metrics.csv").stat().st_size > 0
+    assert "fwdgrad / backprop" in stdout and "test accuracy" in stdout
+
+
+def test_two_processes_stay_identical_and_match_one_process_on_the_same_global_batch(
+        mnist_root, tmp_path, one_process):
+    launch(mnist_root, tmp_path, *SMALL, processes=2)
+    runs = {r["method"]: r for r in results(tmp_path)["runs"]}
+    torch.manual_seed(0)  # the recipe's initial weights: paper_mlp() after manual_seed(--seed)
+    initial = paper_mlp().state_dict()
+    parameter_bytes = sum(t.numel() * 4 for t in initial.values())
+    for method in METHODS:
+        digests = runs[method]["parameter_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], f"{method}: processes differ"
+        two, one = final_weights(tmp_path, method), final_weights(one_process[0], method)
+        moved = sum((one[k] - initial[k]).norm() ** 2 for k in one) ** 0.5
+        apart = sum((two[k] - one[k]).norm() ** 2 for k in one) ** 0.5
+        assert moved > 0 and apart <= 1e-4 * moved, (method, apart, moved)
+    assert runs["fwdgrad"]["bytes_per_step"] == 4  # one float32 directional derivative
+    assert runs["backprop"]["bytes_per_step"] == parameter_bytes
+
+
+def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_parameters(mnist_root, tmp_path, one_process):
+    stopped = [*SMALL, "--checkpoint-every", "3"]
+    stopped[stopped.index("--max-steps") + 1] = "3"
+    launch(mnist_root, tmp_path, *stopped)
+    stdout = launch(mnist_root, tmp_path, *SMALL, "--resume-from", str(tmp_path))
+    assert "resuming from" in stdout
+    for method in METHODS:
+        resumed, whole = final_weights(tmp_path, method), final_weights(one_process[0], method)
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole), method
+    history = results(tmp_path)["histories"]["fwdgrad"]["losses"]
+    assert [s for s, _, _ in history] == list(range(1, 7))  # the history survives the checkpoint
+
+
+def test_lr_sweep_reports_diverged_runs_as_diverged_and_picks_the_best_finite_one(mnist_root, tmp_path):
+    sweep = [*SMALL, "--lr-sweep", "1e-3,1e30"]
+    stdout = launch(mnist_root, tmp_path, *sweep)
+    found = results(tmp_path)
+    for run in found["runs"]:
+        if run["lr"] == 1e30:
+            assert run["diverged"] and run["test_accuracy"] == "diverged" and run["final_train_loss"] == "diverged"
+        else:
+            assert not run["diverged"] and math.isfinite(run["test_accuracy"])
+    assert found["best_lr"] == {"fwdgrad": 1e-3, "backprop": 1e-3}
+    assert "diverged at step" in stdout and (tmp_path / "lr_sweep.png").exists()
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("mnist_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "{empty}"], "does not hold MNIST"),
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--tangents", "uniform"], "invalid choice: 'uniform'"),
+    (["--lr-sweep", "1e-4,fast"], "'fast' is not a float"),
+    (["--batch-size", "0"], "must be at least 1"),
+    (["--resume-from", "{empty}/nothing"], "no such folder"),
+])
+def test_bad_options_fail_before_training_with_a_clear_message(mnist_root, tmp_path, capsys, args, message):
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as exit:
+        load_recipe().main(["--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "out"), *args])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_estimator_and_tangent_choices_come_from_the_registry(capsys):
+    import fwdgrad_plugins
+
+    with pytest.raises(SystemExit):
+        load_recipe().parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for name in fwdgrad_plugins.registered("estimators") + fwdgrad_plugins.registered("tangent_samplers"):
+        assert name in help_text
