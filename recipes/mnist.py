@@ -2,7 +2,8 @@
 #
 #   accelerate launch recipes/mnist.py --data-dir ../shared/data
 #   accelerate launch --multi_gpu --num_processes 2 recipes/mnist.py --data-dir ../shared/data   # CPU (gloo) or GPUs
-#   accelerate launch recipes/mnist.py --lr-sweep 3e-5,1e-4,3e-4,1e-3,3e-3 --epochs 1   # each method's best lr
+#   accelerate launch recipes/mnist.py --epochs 1 --lr-sweep fwdgrad:5e-5,1e-4,2e-4,3e-4,5e-4 \
+#       --lr-sweep backprop:3e-3,1e-2,3e-2,1e-1,3e-1   # each method at its own best lr
 #
 # Defaults are the paper's: MLP 784-1024-1024-10, global batch 64, SGD lr 2e-4 decayed as
 # lr·exp(-1e-4·step), one tangent, both methods from identical initial weights. It prints a
@@ -51,8 +52,11 @@ positive_int, positive_float = _number(int, 1), _number(float, 1e-300)
 
 
 def learning_rates(text):
-    """'1e-4,2e-4' -> [1e-4, 2e-4]."""
-    return [positive_float(part) for part in text.split(",") if part.strip()]
+    """'1e-4,2e-4' -> (None, [1e-4, 2e-4]); 'fwdgrad:1e-4' -> ('fwdgrad', [1e-4])."""
+    method, _, values = text.rpartition(":")
+    if method and method not in METHODS["both"]:
+        raise argparse.ArgumentTypeError(f"{method!r} is not a method; prefix with one of {METHODS['both']}")
+    return method or None, [positive_float(part) for part in values.split(",") if part.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--batch-size", type=positive_int, default=64, help="global batch, split across processes")
     add("--lr", type=positive_float, default=2e-4, help="initial learning rate")
     add("--lr-decay", type=_number(float, 0.0), default=1e-4, help="lr·exp(-decay·step)")
-    add("--lr-sweep", type=learning_rates, default=None,
-        help="comma-separated learning rates: run each method at each and report each method's best")
+    add("--lr-sweep", type=learning_rates, action="append", default=None, metavar="[METHOD:]LR,LR,...",
+        help="learning rates to run each method at (or only METHOD, e.g. fwdgrad:1e-4,2e-4; "
+             "repeatable), same budget each; reports each method's best")
     add("--optimizer", choices=list(OPTIMIZERS), default="sgd", help="inner torch optimizer")
     add("--num-directions", type=positive_int, default=1, help="tangents averaged per step (K)")
     add("--tangents", choices=fwdgrad_plugins.registered("tangent_samplers"), default="gaussian",
@@ -87,6 +92,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume_from is not None and not Path(args.resume_from).is_dir():
         parser.error(f"--resume-from {args.resume_from}: no such folder; pass an earlier --output-dir.")
+    args.grid = {m: [args.lr] for m in METHODS[args.method]}  # the learning rates of each method
+    for method, rates in args.lr_sweep or []:
+        if method is not None and method not in args.grid:
+            parser.error(f"--lr-sweep {method}:... but --method {args.method} does not train {method}.")
+        if not rates:
+            parser.error("--lr-sweep needs at least one learning rate, e.g. --lr-sweep 1e-4,2e-4.")
+        for m in [method] if method else args.grid:
+            args.grid[m] = rates
     args.download = args.data_dir is None and not os.environ.get("FWDGRAD_DATA_DIR")
     args.data_dir = data.data_dir(args.data_dir)
     try:
@@ -258,10 +271,15 @@ def plot(runs, best, folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = {"fwdgrad": "C0", "backprop": "C1"}
+
+    def label(r):
+        return f"{r['method']} (lr {r['lr']:g})"
+
     def curves(filename, x_label, y_label, series):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for label, xs, ys in series:
-            ax.plot(xs, ys, label=label)
+        for run, xs, ys in series:
+            ax.plot(xs, ys, label=label(run), color=colour[run["method"]])
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
@@ -270,25 +288,23 @@ def plot(runs, best, folder: Path) -> None:
         fig.savefig(folder / filename, dpi=90)
         plt.close(fig)
 
-    def label(r):
-        return f"{r['method']} (lr {r['lr']:g})"
-
     shown = list(best.values())
     curves("loss_vs_step.png", "step", "train loss (moving average of 25)",
-           [(label(r), [s for s, _, _ in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
+           [(r, [s for s, _, _ in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
     curves("loss_vs_time.png", "training seconds", "train loss (moving average of 25)",
-           [(label(r), [t for _, _, t in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
+           [(r, [t for _, _, t in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
     curves("accuracy_vs_step.png", "step", "test accuracy",
-           [(label(r), [s for s, _, _ in r["evaluations"]], [a for _, a, _ in r["evaluations"]]) for r in shown])
+           [(r, [s for s, _, _ in r["evaluations"]], [a for _, a, _ in r["evaluations"]]) for r in shown])
     if len({r["lr"] for r in runs}) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in sorted({r["method"] for r in runs}):
+        for method in [m for m in colour if any(r["method"] == m for r in runs)]:
             mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["lr"])
             ok = [r for r in mine if not r["diverged"]]
-            line, = ax.plot([r["lr"] for r in ok], [r["test_accuracy"] for r in ok], "o-", label=method)
+            ax.plot([r["lr"] for r in ok], [r["test_accuracy"] for r in ok], "o-", label=method,
+                    color=colour[method])
             bad = [r["lr"] for r in mine if r["diverged"]]
             if bad:
-                ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), markersize=10,
+                ax.plot(bad, [0.0] * len(bad), "x", color=colour[method], markersize=10,
                         label=f"{method}: diverged")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
@@ -309,7 +325,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     initial_weights = {k: v.clone() for k, v in MODELS[args.model]().state_dict().items()}
     runs = [run(args, method, lr, datasets, initial_weights)
-            for lr in (args.lr_sweep or [args.lr]) for method in METHODS[args.method]]
+            for method, rates in args.grid.items() for lr in rates]
     state = PartialState(cpu=ON_CPU)
     state.destroy_process_group()
     if not state.is_main_process:

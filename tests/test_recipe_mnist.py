@@ -133,6 +133,8 @@ def load_recipe():
     (["--lr-sweep", "1e-4,fast"], "'fast' is not a float"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--resume-from", "{empty}/nothing"], "no such folder"),
+    (["--lr-sweep", "adam:1e-3"], "'adam' is not a method"),
+    (["--method", "backprop", "--lr-sweep", "fwdgrad:1e-3"], "does not train fwdgrad"),
 ])
 def test_bad_options_fail_before_training_with_a_clear_message(mnist_root, tmp_path, capsys, args, message):
     args = [a.replace("{empty}", str(tmp_path)) for a in args]
@@ -140,6 +142,17 @@ def test_bad_options_fail_before_training_with_a_clear_message(mnist_root, tmp_p
         load_recipe().main(["--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "out"), *args])
     assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_lr_sweep_takes_one_grid_for_all_methods_or_one_per_method(mnist_root):
+    def grid(*args):
+        return load_recipe().parse_args(["--data-dir", str(mnist_root), *args]).grid
+
+    assert grid() == {"fwdgrad": [2e-4], "backprop": [2e-4]}
+    assert grid("--lr-sweep", "1e-3,1e-2") == {"fwdgrad": [1e-3, 1e-2], "backprop": [1e-3, 1e-2]}
+    assert grid("--lr-sweep", "fwdgrad:1e-4,2e-4", "--lr-sweep", "backprop:0.1") == {
+        "fwdgrad": [1e-4, 2e-4], "backprop": [0.1]}
+    assert grid("--method", "fwdgrad", "--lr", "1e-4") == {"fwdgrad": [1e-4]}
 
 
 def test_estimator_and_tangent_choices_come_from_the_registry(capsys):
