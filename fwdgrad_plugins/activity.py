@@ -183,7 +183,8 @@ class _PerturbActivities(_PerturbParameters):
             return output
         call = _LossCall(func, tuple(args), dict(kwargs), output, per_example.reshape(-1))
         total, expected = fwAD.unpack_dual(call.per_example).primal.sum(), fwAD.unpack_dual(output).primal
-        if not torch.allclose(total.float(), expected.float(), rtol=1e-4, atol=1e-6):
+        finite = bool(torch.isfinite(expected)) and bool(torch.isfinite(total))
+        if finite and not torch.allclose(total.float(), expected.float(), rtol=1e-4, atol=1e-6):
             raise PerExampleLossError(
                 f"{func.__name__}'s per-example losses sum to {total.item():.6g}, not to its "
                 f"result {expected.item():.6g}: {_PER_EXAMPLE_HELP}")
@@ -208,10 +209,16 @@ class _PerturbActivities(_PerturbParameters):
         self.scaled[id(result)] = (call, factor)
         call.scaled_copies.append(result)
 
-    def per_example_parts(self, loss: Tensor, batch_size: int) -> Tensor:
-        """(batch,) parts of the returned loss, one per example, as dual tensors."""
-        if loss.dim() == 1 and loss.shape[0] == batch_size:
+    def per_example_parts(self, loss: Tensor, batch_size: int, groups: int) -> Tensor:
+        """(batch, groups) parts of the returned loss, one per example and group (dual tensors)."""
+        if groups > 1 or loss.dim() == 2:
+            if tuple(loss.shape) != (batch_size, groups):
+                raise PerExampleLossError(f"with {groups} groups the closure must return the "
+                                          f"(batch, groups) = ({batch_size}, {groups}) local losses, "
+                                          f"got shape {tuple(loss.shape)}.")
             return loss / batch_size
+        if loss.dim() == 1 and loss.shape[0] == batch_size:
+            return (loss / batch_size).unsqueeze(1)
         if id(loss) not in self.scaled:
             raise PerExampleLossError(f"the closure's loss does not come from a loss function this "
                                       f"estimator can split: {_PER_EXAMPLE_HELP}")
@@ -220,7 +227,7 @@ class _PerturbActivities(_PerturbParameters):
             raise PerExampleLossError(
                 f"the loss has {call.per_example.numel()} elements, not a multiple of the batch "
                 f"size {batch_size} (dimension 0 of the layer outputs): {_PER_EXAMPLE_HELP}")
-        return call.per_example.reshape(batch_size, -1).sum(1) * factor
+        return call.per_example.reshape(batch_size, -1).sum(1, keepdim=True) * factor
 
 
 def _orthogonalise(tangents: Tensor) -> Tensor:
@@ -268,13 +275,36 @@ def _conv2d_gradients(layer: _Layer, output_grad: Tensor):
     return grad, (output_grad.sum((0, 2, 3)) if layer.bias is not None else None)
 
 
+def _output_scale(layer: _Layer, per_example: Tensor, grouped: bool) -> Tensor:
+    """The (B, G) derivatives, shaped to multiply the layer's output tangent: summed over
+    groups, or (``grouped``) group g's for the g-th equal slice of the output features."""
+    tangent = layer.tangent
+    if not grouped:
+        return per_example.sum(1).reshape(-1, *[1] * (tangent.dim() - 1))
+    feature_dim = tangent.dim() - 1 if layer.func is F.linear else 1
+    features, groups = tangent.shape[feature_dim], per_example.shape[1]
+    if features % groups:
+        raise PerExampleLossError(f"a layer with {features} output features cannot be split into "
+                                  f"{groups} groups: use a number of groups that divides it.")
+    scale = per_example.repeat_interleave(features // groups, dim=1)  # (B, features)
+    shape = [tangent.shape[0]] + [1] * (tangent.dim() - 1)
+    shape[feature_dim] = features
+    return scale.reshape(shape)
+
+
 def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
                           sampler: TangentSampler, num_directions: int, seed: int,
-                          orthogonal: bool = False, freeze_running_stats: bool = False):
+                          orthogonal: bool = False, freeze_running_stats: bool = False,
+                          groups: int = 1, grouped_calls: int = 0):
     """The FG-A estimate, without ``reduce``: ``(loss, derivatives (K,), grads, used)``.
 
     K directions run as K forward-mode passes that start from one RNG state (one dropout
     mask); each layer's K tangents are drawn together at its first call.
+
+    With ``groups`` G > 1 the closure returns (batch, G) losses, loss g depending only on the
+    g-th equal slice of the output features of the last ``grouped_calls`` layer calls (local
+    losses per group of units, as in Ren et al.): those slices are credited with their own
+    group's derivative, every other layer with the sum over groups.
     """
     if not params:
         raise ParametersNotUsedError("no parameters to train: pass the model's trainable parameters.")
@@ -328,16 +358,17 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
                     "the perturbed layer outputs disagree on dimension 0 "
                     f"({sorted({l.tangent.shape[0] for l in mode.layers})}): activity perturbation "
                     "needs the batch first in every linear and conv2d output.")
-            parts = mode.per_example_parts(returned, batch_size)
+            parts = mode.per_example_parts(returned, batch_size, groups)
             primal_parts, tangent_parts = fwAD.unpack_dual(parts)
             if tangent_parts is None:
                 tangent_parts = torch.zeros_like(primal_parts)
-        per_example = tangent_parts.float() / num_directions  # (B,) d_b / K
+        per_example = tangent_parts.float() / num_directions  # (B, G): d_bg / K
         if loss is None:
             loss = primal_parts.sum().detach()
         derivatives.append(per_example.sum() * num_directions)
-        for layer in mode.layers:
-            scale = per_example.to(layer.tangent.dtype).reshape(-1, *[1] * (layer.tangent.dim() - 1))
+        first_grouped = len(mode.layers) - grouped_calls if groups > 1 else len(mode.layers)
+        for call, layer in enumerate(mode.layers):
+            scale = _output_scale(layer, per_example, call >= first_grouped).to(layer.tangent.dtype)
             weight_grad, bias_grad = _layer_gradients(layer, layer.tangent * scale)
             add(trained[id(layer.weight)], weight_grad)
             if bias_grad is not None:

@@ -54,14 +54,20 @@ class NotLocalLossModelError(ForwardGradientError, ValueError):
 
 
 class AuxiliaryHead(nn.Module):
-    """Average-pools a block's output to one vector per example, then a linear classifier.
+    """Average-pools a block's output to one vector per example, then a linear classifier;
+    with ``groups`` G, G classifiers, the g-th reading only the g-th equal slice of the
+    features (one grouped 1×1 convolution): output (B, G·num_classes).
 
     (B, C, H, W) is pooled over H and W, (B, T, C) over T, (B, C) is used as it is.
     """
 
-    def __init__(self, features: int, num_classes: int):
+    def __init__(self, features: int, num_classes: int, groups: int = 1):
         super().__init__()
-        self.classifier = nn.Linear(features, num_classes)
+        if features % groups:
+            raise ValueError(f"a block output of {features} features cannot be split into "
+                             f"{groups} groups: pass a number of groups that divides it.")
+        self.groups = groups
+        self.classifier = nn.Conv2d(features, groups * num_classes, 1, groups=groups)
 
     @staticmethod
     def pool(h: Tensor) -> Tensor:
@@ -72,7 +78,7 @@ class AuxiliaryHead(nn.Module):
         return h.flatten(1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.classifier(self.pool(h))
+        return self.classifier(self.pool(h)[:, :, None, None]).flatten(1)
 
 
 class _BlockInputs:
@@ -136,8 +142,12 @@ def split_after_activations(model: nn.Sequential, activations=ACTIVATIONS) -> li
 
 
 def with_local_losses(model: Union[nn.Sequential, Sequence[nn.Module]], num_classes: int,
-                      example_input: Tensor, activations=ACTIVATIONS) -> LocalLossNetwork:
+                      example_input: Tensor, groups: int = 1, activations=ACTIVATIONS) -> LocalLossNetwork:
     """Wrap ``model`` into blocks with auxiliary heads of ``num_classes`` outputs.
+
+    With ``groups`` G > 1 each block's output features form G equal groups, each with its
+    own classifier and local loss (Ren et al.'s local greedy losses): a group's units then
+    answer to their own loss only, which divides the variance of their estimate by about G.
 
     An ``nn.Sequential`` is cut after each activation (``split_after_activations``); a list of
     modules is used as the blocks. ``example_input`` (one batch, any size) gives each block's
@@ -157,7 +167,8 @@ def with_local_losses(model: Union[nn.Sequential, Sequence[nn.Module]], num_clas
     with torch.no_grad():
         for block in blocks[:-1]:
             x = block(x)
-            heads.append(AuxiliaryHead(AuxiliaryHead.pool(x).shape[1], num_classes).to(x.device, x.dtype))
+            features = AuxiliaryHead.pool(x).shape[1]
+            heads.append(AuxiliaryHead(features, num_classes, groups).to(x.device, x.dtype))
     return LocalLossNetwork(blocks, heads)
 
 
@@ -172,6 +183,17 @@ def _task_loss_call(mode: _PerturbActivities, recording: _BlockInputs, returned:
             "local losses need the closure to return a torch loss function (e.g. F.cross_entropy) "
             "applied to the LocalLossNetwork's output: `lambda: F.cross_entropy(model(x), y)`.")
     return found
+
+
+def _group_losses(call, logits: Tensor, groups: int) -> Tensor:
+    """(B, G) local losses: the task's loss function on each group's logits, unreduced, then
+    averaged over each example's elements."""
+    batch = logits.shape[0]
+    target = call.args[1] if len(call.args) > 1 else call.kwargs["target"]
+    kwargs = {k: v for k, v in call.kwargs.items() if k not in ("target", "reduction")}
+    unreduced = call.func(logits.reshape(batch * groups, -1), target.repeat_interleave(groups, 0),
+                          *call.args[2:], reduction="none", **kwargs)
+    return unreduced.reshape(batch, groups, -1).mean(2)
 
 
 class LocalActivityPerturbation:
@@ -212,12 +234,17 @@ class LocalActivityPerturbation:
             if not block_params:
                 continue
 
-            def local_loss(block=block, head=head, x=x):
-                return call.func(head(block(x)), *call.args[1:], **call.kwargs) * factor
+            groups = getattr(head, "groups", 1)
+
+            def local_loss(block=block, head=head, x=x, groups=groups):
+                if isinstance(head, nn.Identity):  # the main block: the task loss itself
+                    return call.func(block(x), *call.args[1:], **call.kwargs) * factor
+                return _group_losses(call, head(block(x)), groups) * factor
 
             _, derivatives, block_grads, used = activity_perturbation(
                 local_loss, block_params, sampler=sampler, num_directions=num_directions,
-                seed=derive_seed(seed, index), orthogonal=self.orthogonal, freeze_running_stats=True)
+                seed=derive_seed(seed, index), orthogonal=self.orthogonal, freeze_running_stats=True,
+                groups=groups, grouped_calls=2)
             total += derivatives
             for p, grad, is_used in zip(block_params, block_grads, used):
                 if is_used and grad is not None:
