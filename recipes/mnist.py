@@ -25,11 +25,16 @@ from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 import fwdgrad_plugins
-from fwdgrad_plugins import ForwardGradientEstimator, data, models
+from fwdgrad_plugins import ForwardGradientEstimator, data, local_losses, models
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 
 MODELS = {"mlp": models.paper_mlp, "cnn": models.paper_cnn}
+# Estimators that train a model of their own shape: the wrapper builds it from the plain model
+# (after the shared initial weights are loaded); backprop always trains the plain model.
+MODEL_WRAPPERS = {
+    "local-activity": lambda model: local_losses.with_local_losses(model, 10, torch.zeros(1, 1, 28, 28)),
+}
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # Without an accelerator, Accelerate needs cpu=True to form a multi-process (gloo) group.
 ON_CPU = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available())
@@ -136,6 +141,9 @@ def run(args, method, lr, datasets, initial_weights) -> dict:
                                                                  "data_dir": str(args.data_dir)})
     model = MODELS[args.model]()
     model.load_state_dict(initial_weights)
+    if method == "fwdgrad" and args.estimator in MODEL_WRAPPERS:
+        torch.manual_seed(args.seed)  # the added modules start alike on every process
+        model = MODEL_WRAPPERS[args.estimator](model)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-args.lr_decay))
     estimator = None

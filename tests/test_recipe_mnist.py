@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fwdgrad_plugins
 from fwdgrad_plugins.models import paper_mlp
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist.py")
@@ -155,9 +156,16 @@ def test_lr_sweep_takes_one_grid_for_all_methods_or_one_per_method(mnist_root):
     assert grid("--method", "fwdgrad", "--lr", "1e-4") == {"fwdgrad": [1e-4]}
 
 
-def test_estimator_and_tangent_choices_come_from_the_registry(capsys):
-    import fwdgrad_plugins
+@pytest.mark.parametrize("estimator", fwdgrad_plugins.registered("estimators"))
+def test_every_registered_estimator_trains_through_the_recipe(mnist_root, tmp_path, estimator):
+    load_recipe().main(["--data-dir", str(mnist_root), "--output-dir", str(tmp_path), "--method", "fwdgrad",
+                        "--estimator", estimator, "--max-steps", "3", "--batch-size", "16",
+                        "--train-limit", "64", "--test-limit", "50"])
+    (run,) = results(tmp_path)["runs"]
+    assert run["steps"] == 3 and not run["diverged"] and math.isfinite(run["final_train_loss"])
 
+
+def test_estimator_and_tangent_choices_come_from_the_registry(capsys):
     with pytest.raises(SystemExit):
         load_recipe().parse_args(["--help"])
     help_text = capsys.readouterr().out
