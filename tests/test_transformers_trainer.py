@@ -4,6 +4,10 @@ Tiny BERT and GPT-2 models built from configs (no download), SDPA attention, CPU
 """
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,15 @@ from fwdgrad_plugins.integrations.transformers_trainer import ESTIMATOR_STATE_NA
 from fwdgrad_plugins.tangents import derive_seed
 
 VOCAB, LENGTH = 24, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_bert(dropout=0.1):
@@ -87,6 +100,15 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
     logged = trainer.state.log_history[0]
     assert logged["fwdgrad_mean_abs_dd"] > 0 and logged["fwdgrad_skipped"] == 0
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_bert()
+    before = snapshot(model)
+    trainer = FwdGradTrainer(model=model, args=arguments(tmp_path, bf16=True), train_dataset=classification_data())
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 class RecordGradients(TrainerCallback):
@@ -242,3 +264,41 @@ def test_other_optimizers_train_exactly_as_trainer(tmp_path):
 
     reference, ours = run(Trainer), run(FwdGradTrainer)
     assert all(torch.equal(reference[n], ours[n]) for n in reference)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_language_model(output_dir, batch_size):
+    torch.manual_seed(0)
+    model = tiny_gpt2(dropout=0.0)
+    args = arguments(output_dir, per_device_train_batch_size=batch_size, max_steps=2, max_grad_norm=0.0,
+                     fwdgrad_num_directions=2)
+    FwdGradTrainer(model=model, args=args, train_dataset=language_data()).train()
+    return args, snapshot(model)
+
+
+def test_two_processes_apply_the_update_of_one_process_on_the_global_batch(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo, DDP-wrapped model), batch 2 each: the
+    mean directional derivative over processes and shared tangents give every process the
+    update that one process computes on the batch of 4, with no gradient all-reduce."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+               __file__, str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
+    _, single = train_language_model(tmp_path / "one", batch_size=4)
+    for name, value in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+if __name__ == "__main__":  # one process of test_two_processes_...
+    args, params = train_language_model(Path(sys.argv[1]), batch_size=2)
+    assert args.world_size == 2, args.world_size
+    torch.save(params, Path(sys.argv[1]) / f"rank{args.process_index}.pt")
