@@ -133,9 +133,6 @@ def run(args, method, lr, datasets, initial_weights) -> dict:
                                                   data_seed=args.seed),
         log_with=file_trackers(logs), project_dir=str(logs),
     )
-    if args.batch_size % accelerator.num_processes:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
-                         f"{accelerator.num_processes} processes: pass a multiple of it.")
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(folder.replace("/", "-"), config={**config, "method": method, "lr": lr,
                                                                  "data_dir": str(args.data_dir)})
@@ -326,15 +323,18 @@ def plot(runs, best, folder: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    state = PartialState(cpu=ON_CPU)
+    if args.batch_size % state.num_processes:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
+                         f"{state.num_processes} processes: pass a multiple of {state.num_processes}.")
     # The first process downloads when needed, the others then read the files.
-    with PartialState(cpu=ON_CPU).main_process_first():
+    with state.main_process_first():
         datasets = (data.mnist(args.data_dir, train=True, limit=args.train_limit, download=args.download),
                     data.mnist(args.data_dir, train=False, limit=args.test_limit, download=args.download))
     torch.manual_seed(args.seed)
     initial_weights = {k: v.clone() for k, v in MODELS[args.model]().state_dict().items()}
     runs = [run(args, method, lr, datasets, initial_weights)
             for method, rates in args.grid.items() for lr in rates]
-    state = PartialState(cpu=ON_CPU)
     state.destroy_process_group()
     if not state.is_main_process:
         return
