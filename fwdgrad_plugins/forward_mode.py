@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -133,28 +133,58 @@ class _PerturbParameters(TorchFunctionMode):
             out = F.linear(input, weight, bias)
             if factors is not None:
                 u, w = factors  # u: dual (primal 0, tangent u); w: plain
-                out = out + (input @ w).unsqueeze(-1) * u
+                out = out + _RankOneTerm.apply(input, u, w)
             return out
+        if weight.dim() != 2:  # a 1-D weight (never rank-one): forward AD's own rule
+            return F.linear(input, weight, bias)
         x, x_t = fwAD.unpack_dual(input)
         w_p, w_t = fwAD.unpack_dual(weight)
         b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
         out = F.linear(x, w_p, b_p)
-        terms = []
-        if x_t is not None:
-            terms.append(F.linear(x_t, w_p))
-        if w_t is not None:
-            terms.append(F.linear(x, w_t))
-        if factors is not None:
-            u, w = factors
-            terms.append((x @ w).unsqueeze(-1) * u)
-        if b_t is not None:
-            terms.append(b_t.expand_as(out))
-        if not terms:
-            return out
-        tangent = terms[0] if terms[0].is_contiguous() and len(terms) > 1 else terms[0].clone()
-        for term in terms[1:]:
-            tangent = tangent.add_(term)
-        return fwAD.make_dual(out, tangent)
+        tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t)
+        return out if tangent is None else fwAD.make_dual(out, tangent)
+
+
+def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t) -> Optional[Tensor]:
+    """The tangent of ``F.linear``: x_t Wᵀ + x W_tᵀ + (x·w) uᵀ + b_t, summed in place in one
+    (N, out) buffer (N: the input's leading dimensions) with addmm_/addr_, so a layer holds
+    one tangent-sized temporary, not one per term. None when no term has a tangent."""
+    inputs = x.reshape(-1, x.shape[-1])  # (N, in)
+    tangent = None  # (N, out)
+    if x_t is not None:
+        tangent = torch.mm(x_t.reshape(-1, x.shape[-1]), weight.t())
+    if weight_t is not None:
+        tangent = torch.mm(inputs, weight_t.t()) if tangent is None else tangent.addmm_(inputs, weight_t.t())
+    if factors is not None:
+        u, w = factors
+        coefficients = torch.mv(inputs, w)  # (N,): x·w
+        tangent = torch.outer(coefficients, u) if tangent is None else tangent.addr_(coefficients, u)
+    if bias_t is not None:
+        tangent = bias_t.expand(inputs.shape[0], -1).clone() if tangent is None else tangent.add_(bias_t)
+    return None if tangent is None else tangent.view(*x.shape[:-1], weight.shape[0])
+
+
+class _RankOneTerm(torch.autograd.Function):
+    """Zero, with tangent (x·w) uᵀ: what a rank-one weight tangent u wᵀ adds to a linear
+    layer's output tangent, under ``torch.func.jvp``. Written as ``(x @ w) * u`` with ``u`` a
+    dual of primal 0, the zero primal would depend on the direction's ``w``, so vmap would
+    batch the primal, and every later layer would compute the primal once per direction."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, u, w):
+        return input.new_zeros((*input.shape[:-1], u.shape[-1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, _, w = inputs
+        ctx.save_for_forward(input, w)
+
+    @staticmethod
+    def jvp(ctx, input_tangent, u_tangent, w_tangent):
+        input, w = ctx.saved_tensors
+        return (input @ w).unsqueeze(-1) * u_tangent
 
 
 def _with_copied_running_stats(args, kwargs):
