@@ -226,7 +226,7 @@ class LocalActivityPerturbation:
         call, factor = _task_loss_call(mode, recording, returned)
         index_of = {id(p): i for i, p in enumerate(params)}
         grads: list[Optional[Tensor]] = [None] * len(params)
-        total = torch.zeros(num_directions)
+        total: Optional[Tensor] = None  # Σ over blocks of each direction's derivative
         for network, index, x in recording.inputs:
             head = network.heads[index] if index < len(network.heads) else nn.Identity()
             block = network.blocks[index]
@@ -245,7 +245,7 @@ class LocalActivityPerturbation:
                 local_loss, block_params, sampler=sampler, num_directions=num_directions,
                 seed=derive_seed(seed, index), orthogonal=self.orthogonal, freeze_running_stats=True,
                 groups=groups, grouped_calls=2)
-            total += derivatives
+            total = derivatives if total is None else total + derivatives
             for p, grad, is_used in zip(block_params, block_grads, used):
                 if is_used and grad is not None:
                     i = index_of[id(p)]
