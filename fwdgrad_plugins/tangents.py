@@ -102,7 +102,8 @@ def fill_(tensors: Sequence[Tensor], seed: int, fill) -> None:
         part, part_seed = job
         fill(part, _generator(part.device, part_seed))
 
-    if len(jobs) > 1 and all(part.device.type == "cpu" for part, _ in jobs):
+    # Threads pay off only with more than one chunk of work (rank-one factors are tiny).
+    if sum(part.numel() for part, _ in jobs) > CHUNK and all(part.device.type == "cpu" for part, _ in jobs):
         list(_thread_pool().map(run, jobs))
     else:
         for job in jobs:
