@@ -323,9 +323,13 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
         grads[index] = value if grads[index] is None else grads[index].add_(value)
 
     derivatives, used, loss = [], set(), None
-    rng_state = torch.get_rng_state()
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    rng_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
     for k in range(num_directions):
-        torch.set_rng_state(rng_state)
+        if k > 0:  # every pass draws the same dropout mask
+            torch.set_rng_state(rng_states[0])
+            for device, state in zip(devices, rng_states[1]):
+                torch.cuda.set_rng_state(state, device)
 
         def activity_tangent(call, primal):
             if call not in activity_cache:

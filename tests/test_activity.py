@@ -186,3 +186,22 @@ def test_trains_through_the_optimizer_wrapper_reproducibly():
     assert losses[-1] < 0.6 * losses[0]
     for a, b in zip(params, params_again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_trains_through_the_transformers_trainer_with_the_same_option(name, tmp_path):
+    # The model computes its loss itself (BERT: CrossEntropyLoss; GPT-2: a summed token loss
+    # divided by the token count); GPT-2's Conv1D weights and embeddings fall back to weight
+    # perturbation, its linear lm_head is tied to the token embedding.
+    from fwdgrad_plugins import FwdGradTrainer
+    from test_transformers_trainer import MODELS, arguments, snapshot
+
+    make_model, make_data, _ = MODELS[name]
+    model = make_model()
+    before = snapshot(model)
+    trainer = FwdGradTrainer(model=model, args=arguments(tmp_path, fwdgrad_estimator="activity", max_steps=2),
+                             train_dataset=make_data())
+    result = trainer.train()
+    after = snapshot(model)
+    assert [n for n, p in model.named_parameters() if torch.equal(before[n], after[n])] == []
+    assert torch.isfinite(torch.tensor(result.training_loss))
