@@ -12,7 +12,8 @@ ends in the main head and is trained on the task loss.
 blocks into a :class:`LocalLossNetwork`; the closure stays ``loss_fn(model(x), y)``. The
 ``"local-activity"`` estimator runs the closure once without tangents, recording each block's
 input and the loss call, then does each block's forward-mode work on its own and releases it
-before the next block: tangent memory is that of one block.
+before the next block: tangent memory is that of one block. (Dropout inside a block draws
+its mask again in that block's pass; BatchNorm running statistics update in the first run only.)
 
 >>> import torch
 >>> import torch.nn.functional as F
