@@ -141,14 +141,20 @@ class _PerturbParameters(TorchFunctionMode):
         w_p, w_t = fwAD.unpack_dual(weight)
         b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
         out = F.linear(x, w_p, b_p)
-        tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t)
+        tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
 
-def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t) -> Optional[Tensor]:
+def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optional[Tensor]:
     """The tangent of ``F.linear``: x_t Wᵀ + x W_tᵀ + (x·w) uᵀ + b_t, summed in place in one
     (N, out) buffer (N: the input's leading dimensions) with addmm_/addr_, so a layer holds
-    one tangent-sized temporary, not one per term. None when no term has a tangent."""
+    one tangent-sized temporary, not one per term. None when no term has a tangent.
+
+    ``dtype`` is the primal output's: under autocast the operands are cast to it, as autocast
+    casts them for F.linear (in-place ops are not autocast)."""
+    x, weight = x.to(dtype), weight.to(dtype)
+    x_t, weight_t, bias_t = (None if t is None else t.to(dtype) for t in (x_t, weight_t, bias_t))
+    factors = None if factors is None else tuple(f.to(dtype) for f in factors)
     inputs = x.reshape(-1, x.shape[-1])  # (N, in)
     tangent = None  # (N, out)
     if x_t is not None:

@@ -108,3 +108,16 @@ def test_cuda(dtype):
     _, expected = autograd_reference(model, closure, params, tangents, seed=3)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(result.derivatives, expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_bfloat16_autocast(sampler):
+    model, closure = MODELS["mlp"]()
+    params = list(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 2, seed=0)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    with autocast():
+        result = directional_derivatives(closure, params, tangents)
+    with autocast():
+        _, expected = autograd_reference(model, closure, params, tangents, seed=0)
+    torch.testing.assert_close(result.derivatives, expected.float(), rtol=5e-2, atol=5e-2)
