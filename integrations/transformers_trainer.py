@@ -201,8 +201,8 @@ class FwdGradTrainer(Trainer):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
         self.forward_gradient: Optional[ForwardGradientEstimator] = None
+        super().__init__(*args, **kwargs)
         if not getattr(self.args, "forward_gradient", False):
             return
         self._check_supported_setup()
@@ -215,13 +215,17 @@ class FwdGradTrainer(Trainer):
     def _check_supported_setup(self) -> None:
         from fwdgrad_plugins.integrations.torch_optim import ForwardGradient
 
-        unsupported = [name for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled))
-                       if on]
+        unsupported = [name for name, on in (
+            ("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),
+            ("tensor, context or sequence parallelism", max(self.get_tp_size(), self.get_cp_size(), self.get_sp_size()) > 1),
+            (f"DataParallel over {self.args.n_gpu} GPUs", self.args.n_gpu > 1),
+        ) if on]
         if unsupported:
             raise ValueError(
                 f"optim='fwdgrad' does not support {' or '.join(unsupported)}: forward-gradient "
-                "training keeps every parameter whole on each process; use plain data parallelism "
-                "(`accelerate launch` with the default multi-GPU/CPU config)."
+                "training keeps every parameter whole on each process and calls the unwrapped model. "
+                "Use data parallelism with one process per device: `accelerate launch --multi_gpu "
+                "--num_processes N script.py ...` (add --use_cpu without GPUs)."
             )
         if isinstance(self.optimizer, ForwardGradient):
             raise ValueError(

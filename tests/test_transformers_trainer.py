@@ -104,14 +104,13 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "core bug since 8b900b2: forward_mode._linear_tangent adds x·W_tᵀ with the in-place "
-    "tangent.addmm_, which autocast does not cast (bf16 tangent, fp32 input); passed on 8d8b044"))
-def test_bf16_autocast_on_cpu_trains(tmp_path):
+@pytest.mark.parametrize("num_directions", [1, 2])  # the dual-tensor pass and the vmapped jvp
+def test_bf16_autocast_on_cpu_trains(num_directions, tmp_path):
     torch.manual_seed(0)
     model = tiny_bert()
     before = snapshot(model)
-    trainer = FwdGradTrainer(model=model, args=arguments(tmp_path, bf16=True), train_dataset=classification_data())
+    args = arguments(tmp_path, bf16=True, fwdgrad_num_directions=num_directions)
+    trainer = FwdGradTrainer(model=model, args=args, train_dataset=classification_data())
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -248,6 +247,24 @@ def test_bad_option_fails_while_parsing_before_training(option, value, message, 
 def test_inner_optimizer_that_steps_inside_backward_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'lomo' updates parameters during backward"):
         arguments(tmp_path, fwdgrad_inner_optim="lomo")
+
+
+def test_fwdgrad_options_without_optim_fwdgrad_warn_that_backprop_trains(tmp_path):
+    with pytest.warns(UserWarning, match="--fwdgrad_num_directions set but --optim is 'sgd'"):
+        arguments(tmp_path, optim="sgd", fwdgrad_num_directions=4)
+
+
+def test_a_given_optimizer_becomes_the_inner_one_and_a_wrapper_is_refused(tmp_path):
+    from fwdgrad_plugins import ForwardGradient
+
+    model = tiny_bert()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = FwdGradTrainer(model=model, args=arguments(tmp_path), train_dataset=classification_data(),
+                             optimizers=(sgd, None))
+    trainer.train()
+    assert trainer.forward_gradient.step == 1 and trainer.optimizer.optimizer is sgd
+    with pytest.raises(ValueError, match="not a ForwardGradient wrapper"):
+        FwdGradTrainer(model=model, args=arguments(tmp_path), optimizers=(ForwardGradient(sgd), None))
 
 
 def test_plain_trainer_refuses_fwdgrad_arguments_before_any_update(tmp_path):
