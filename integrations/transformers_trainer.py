@@ -61,9 +61,10 @@ def _refuse_plain_trainer(context):
 
 
 def _register_refusal_with_trainer() -> None:
-    """A plain Trainer looks ``optim`` up in its optimizer table when it builds the optimizer,
-    before the first step: for "fwdgrad" it then raises ``_refuse_plain_trainer``'s message
-    instead of the generic "unsupported optimizer" (which it raises without this table)."""
+    """A plain Trainer looks ``optim`` up in its (private) optimizer table when it builds the
+    optimizer, before the first step: for "fwdgrad" it then raises the message of
+    ``_refuse_plain_trainer``. Should a transformers release drop the table, Trainer still
+    refuses, with its generic "cannot instantiate unsupported optimizer: fwdgrad"."""
     try:
         from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
     except ImportError:
