@@ -98,6 +98,8 @@ class _PerturbParameters(TorchFunctionMode):
             )
         if func is F.linear:
             return self._linear(*args, **kwargs)
+        if func is torch.addmm and len(args) > 2 and id(args[2]) in self.rank_one:
+            return self._addmm_rank_one(*args, **kwargs)
         if func is F.embedding:
             args, kwargs = self._embedding_arguments(*args, **kwargs)
         if self.freeze_running_stats:
@@ -145,6 +147,24 @@ class _PerturbParameters(TorchFunctionMode):
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
 
+    def _addmm_rank_one(self, input, mat1, mat2, *, beta=1, alpha=1):
+        """``torch.addmm(b, x, W)`` with a rank-one tangent u wᵀ on W, as in HuggingFace's
+        Conv1D (GPT-2): adds alpha (x·u) wᵀ to the tangent that torch's rule gives for b and x,
+        in O(N·(in + out)) instead of materialising u wᵀ."""
+        u, w = self.rank_one[id(mat2)]
+        self.used.add(id(mat2))
+        out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
+        if not self.manual_linear:  # u: dual (primal 0, tangent u); w: plain
+            return out + alpha * _RankOneTerm.apply(mat1, u, w, True)
+        x = fwAD.unpack_dual(mat1).primal
+        primal, tangent = fwAD.unpack_dual(out)
+        coefficients = torch.mv(x, u.to(x.dtype))  # (N,): x·u
+        w = w.to(primal.dtype)
+        if tangent is None:
+            return fwAD.make_dual(primal, torch.outer(coefficients.to(primal.dtype), w).mul_(alpha))
+        return fwAD.make_dual(primal, torch.addr(tangent, coefficients.to(tangent.dtype), w, alpha=alpha))
+
+
 def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optional[Tensor]:
     """The tangent of ``F.linear``: x_t Wᵀ + x W_tᵀ + (x·w) uᵀ + b_t, summed in place in one
     (N, out) buffer (N: the input's leading dimensions) with addmm_/addr_, so a layer holds
@@ -172,24 +192,28 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
 
 class _RankOneTerm(torch.autograd.Function):
     """Zero, with tangent (x·w) uᵀ: what a rank-one weight tangent u wᵀ adds to a linear
-    layer's output tangent, under ``torch.func.jvp``. Written as ``(x @ w) * u`` with ``u`` a
-    dual of primal 0, the zero primal would depend on the direction's ``w``, so vmap would
-    batch the primal, and every later layer would compute the primal once per direction."""
+    layer's output tangent, under ``torch.func.jvp``; with ``transposed`` (a weight used as
+    ``x @ W``, as addmm does), (x·u) wᵀ. Written as ``(x @ w) * u`` with ``u`` a dual of
+    primal 0, the zero primal would depend on the direction's ``w``, so vmap would batch the
+    primal, and every later layer would compute the primal once per direction."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, u, w):
-        return input.new_zeros((*input.shape[:-1], u.shape[-1]))
+    def forward(input, u, w, transposed=False):
+        return input.new_zeros((*input.shape[:-1], (w if transposed else u).shape[-1]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, _, w = inputs
+        input, _, w, *transposed = inputs
+        ctx.transposed = bool(transposed and transposed[0])
         ctx.save_for_forward(input, w)
 
     @staticmethod
-    def jvp(ctx, input_tangent, u_tangent, w_tangent):
+    def jvp(ctx, input_tangent, u_tangent, w_tangent, *_):
         input, w = ctx.saved_tensors
+        if ctx.transposed:
+            return (input @ u_tangent).unsqueeze(-1) * w
         return (input @ w).unsqueeze(-1) * u_tangent
 
 
