@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fwdgrad_plugins
+from fwdgrad_plugins.forward_mode import directional_derivatives
 from fwdgrad_plugins.tangents import RankOne
 
 SAMPLERS = fwdgrad_plugins.registered("tangent_samplers")
@@ -45,3 +46,32 @@ def test_rademacher_signs_are_exact_fair_and_independent():
     assert by_bit.abs().max() < 5 / (2**20 / 64) ** 0.5
     # neighbours are uncorrelated
     assert (signs[1:] * signs[:-1]).mean().abs() < 5 / 2**10
+
+
+class AddmmLayer(torch.nn.Module):
+    """Like HuggingFace's Conv1D (GPT-2): torch.addmm with a (in, out) weight."""
+
+    def __init__(self, features_in, features_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(features_in, features_out))
+        self.bias = torch.nn.Parameter(torch.randn(features_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight, beta=0.5, alpha=2.0)
+
+
+@pytest.mark.parametrize("frozen_first_bias", [False, True])
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_rank_one_tangents_through_addmm_equal_autograd(num_directions, frozen_first_bias):
+    """rank1-gaussian applies u wᵀ on an addmm weight without materialising it."""
+    model = torch.nn.Sequential(AddmmLayer(5, 4), torch.nn.Tanh(), AddmmLayer(4, 3))
+    model[0].bias.requires_grad_(not frozen_first_bias)  # then the first output's only tangent is u wᵀ's
+    x = torch.randn(2, 3, 5)
+    closure = lambda: model(x).pow(2).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    tangents = fwdgrad_plugins.get("tangent_samplers", "rank1-gaussian")().sample(params, num_directions, seed=2)
+    assert isinstance(tangents[0], RankOne)
+    result = directional_derivatives(closure, params, tangents)
+    grads = torch.autograd.grad(closure(), params)
+    expected = flat(tangents) @ torch.cat([g.flatten() for g in grads])
+    torch.testing.assert_close(result.derivatives, expected, rtol=1e-5, atol=1e-6)
