@@ -416,6 +416,8 @@ class ActivityPerturbation:
             keeps the estimate unbiased with Gaussian tangents and lowers its variance.
     """
 
+    reduces_gradients = True  # ``reduce`` all-reduces the gradient estimates, not only K floats
+
     def __init__(self, *, orthogonal: bool = False):
         self.orthogonal = orthogonal
 

@@ -109,22 +109,27 @@ class TrainResult:
 
 
 def communicated_bytes_per_step(method: str, model: torch.nn.Module, num_processes: int,
-                                num_directions: int = 1) -> int:
+                                num_directions: int = 1, reduces_gradients: bool = False) -> int:
     """Bytes each process contributes to the all-reduce of one update: K float32 directional
     derivatives for forward gradient, every trainable parameter's gradient for backprop (DDP),
     nothing on one process. (A ring all-reduce moves about twice this over the wire.)
+    ``reduces_gradients``: the estimator all-reduces its gradient estimates with the K
+    derivatives (its class says so, e.g. ``"activity"`` and ``"local-activity"``).
 
     >>> model = torch.nn.Linear(1000, 10)
     >>> communicated_bytes_per_step("fwdgrad", model, 2, num_directions=4)
     16
     >>> communicated_bytes_per_step("backprop", model, 2)
     40040
+    >>> communicated_bytes_per_step("fwdgrad", model, 2, num_directions=4, reduces_gradients=True)
+    40056
     """
     if num_processes <= 1:
         return 0
+    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if method == "fwdgrad":
-        return 4 * num_directions
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return 4 * num_directions + (gradients if reduces_gradients else 0)
+    return gradients
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -317,7 +322,8 @@ def _result(accelerator, network, method, estimator, progress) -> TrainResult:
         training_seconds=progress.training_seconds,
         peak_step_memory_bytes=progress.peak_step_memory_bytes,
         bytes_per_step=communicated_bytes_per_step(
-            method, network, accelerator.num_processes, estimator.num_directions if estimator else 1),
+            method, network, accelerator.num_processes, estimator.num_directions if estimator else 1,
+            reduces_gradients=getattr(getattr(estimator, "estimator", None), "reduces_gradients", False)),
         skipped_steps=estimator.skipped if estimator is not None else 0,
         diverged=diverged or (estimator is not None and estimator.skipped > 0),
         diverged_at=progress.diverged_at,

@@ -12,31 +12,40 @@ from fwdgrad_plugins.models import paper_mlp
 from test_activity import no_backward, one_thread  # noqa: F401  (fixtures)
 
 GAUSSIAN = get("tangent_samplers", "gaussian")()
+RADEMACHER = get("tangent_samplers", "rademacher")()
 
 
-def estimate(closure, params, seed=0, num_directions=1):
+def estimate(closure, params, seed=0, num_directions=1, sampler=GAUSSIAN):
     return LocalActivityPerturbation().estimate(
-        closure, list(params), sampler=GAUSSIAN, num_directions=num_directions, seed=seed)
+        closure, list(params), sampler=sampler, num_directions=num_directions, seed=seed)
 
 
 def sequential_mlp():
     mlp = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
-    return with_local_losses(mlp, num_classes=3, example_input=torch.zeros(1, 5)), 1
+    return with_local_losses(mlp, num_classes=3, example_input=torch.zeros(1, 5))
 
 
 def grouped_blocks():
     """A block of two layers whose output forms two groups, each with its own local loss."""
     blocks = [nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 8), nn.Tanh()), nn.Linear(8, 3)]
-    return with_local_losses(blocks, num_classes=3, example_input=torch.zeros(1, 5), groups=2), 2
+    return with_local_losses(blocks, num_classes=3, example_input=torch.zeros(1, 5), groups=2)
 
 
-def local_loss_gradient(model, x, y, groups):
-    """Autograd's gradient of Σ local losses (each block's input detached) + the task loss."""
-    outputs = model.local_outputs(x)
-    total = F.cross_entropy(outputs[-1], y)
-    for out in outputs[:-1]:
-        total = total + sum(F.cross_entropy(logits, y) for logits in out.reshape(len(x), groups, -1).unbind(1))
-    return torch.autograd.grad(total, list(model.parameters()))
+def one_unit_per_group():
+    """Ren et al.'s setting: every unit of an auxiliary block is its own group."""
+    mlp = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = with_local_losses(mlp, num_classes=3, example_input=torch.zeros(1, 5))
+    for head in model.heads:
+        head.groups = head.classifier.in_features
+    return model
+
+
+def local_loss_gradient(model, x, y):
+    """Autograd's gradient of Σ local losses (each block's input detached) + the task loss.
+    Ren et al.'s group losses (a head reading the whole block output, the other groups'
+    features detached) give each unit its gradient of this block's loss, whatever the groups."""
+    return torch.autograd.grad(sum(F.cross_entropy(out, y) for out in model.local_outputs(x)),
+                               list(model.parameters()))
 
 
 def test_registered():
@@ -47,29 +56,45 @@ def test_wraps_a_sequential_into_blocks_that_share_its_modules():
     mlp = paper_mlp()
     model = with_local_losses(mlp, num_classes=10, example_input=torch.zeros(2, 1, 28, 28), groups=4)
     assert [len(block) for block in model.blocks] == [3, 2, 1]  # cut after each ReLU
-    assert len(model.heads) == 2 and model.heads[0](torch.zeros(2, 1024)).shape == (2, 40)
+    assert len(model.heads) == 2 and model.heads[0](torch.zeros(2, 1024)).shape == (2, 10)
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(model(x), mlp(x))
     assert {id(p) for p in mlp.parameters()} <= {id(p) for p in model.parameters()}
 
 
-@pytest.mark.parametrize("make", [sequential_mlp, grouped_blocks])
+@pytest.mark.parametrize("make", [sequential_mlp, grouped_blocks, one_unit_per_group])
 def test_mean_over_draws_is_each_blocks_local_loss_gradient(make):
-    model, groups = make()
+    model = make()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     params = list(model.parameters())
     draws = 800
     estimates = [estimate(closure, params, seed=s).grads for s in range(draws)]
-    for i, expected in enumerate(local_loss_gradient(model, x, y, groups)):
+    for i, expected in enumerate(local_loss_gradient(model, x, y)):
         samples = torch.stack([e[i] for e in estimates])
         standard_error = samples.std(0) / draws ** 0.5
         assert ((samples.mean(0) - expected).abs() <= 5 * standard_error + 1e-6).all(), i
     torch.testing.assert_close(estimate(closure, params).loss, closure())
 
 
+def test_one_unit_per_group_with_rademacher_tangents_is_exact():
+    """With one unit per group, d·v = ∂L/∂z·v² = ∂L/∂z: each auxiliary block's estimate (and
+    its head's, computed exactly) equals autograd's local-loss gradient in a single draw; the
+    last block (the task loss, one group) stays a noisy estimate."""
+    model = one_unit_per_group()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    expected = local_loss_gradient(model, x, y)
+    last = {id(p) for p in model.blocks[-1].parameters()}
+    for seed in range(3):
+        grads = estimate(lambda: F.cross_entropy(model(x), y), model.parameters(), seed=seed,
+                         sampler=RADEMACHER).grads
+        for p, grad, exact in zip(model.parameters(), grads, expected):
+            if id(p) not in last:
+                torch.testing.assert_close(grad, exact, rtol=1e-5, atol=1e-6)
+
+
 def test_no_gradient_path_between_blocks():
-    model, _ = sequential_mlp()
+    model = sequential_mlp()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     params = list(model.blocks[0].parameters()) + list(model.heads[0].parameters())
     before = estimate(lambda: F.cross_entropy(model(x), y), model.parameters(), seed=3).grads
@@ -83,7 +108,7 @@ def test_no_gradient_path_between_blocks():
 
 
 def test_no_backward_pass(no_backward):  # noqa: F811
-    model, _ = grouped_blocks()
+    model = grouped_blocks()
     no_backward(model)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1), estimator="local-activity",
