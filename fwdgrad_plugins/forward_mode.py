@@ -132,7 +132,10 @@ class _PerturbParameters(TorchFunctionMode):
             weight = self._swap(weight)
         bias = self._swap(bias) if bias is not None else None
         if not self.manual_linear:
-            out = F.linear(input, weight, bias)
+            if factors is not None or id(weight) not in self.perturbed:  # a weight with no tangent
+                out = _LinearOfConstantWeight.apply(input, bias, _Constant(weight))
+            else:
+                out = F.linear(input, weight, bias)
             if factors is not None:
                 u, w = factors  # u: dual (primal 0, tangent u); w: plain
                 out = out + _RankOneTerm.apply(input, u, w)
@@ -188,6 +191,34 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
     if bias_t is not None:
         tangent = bias_t.expand(inputs.shape[0], -1).clone() if tangent is None else tangent.add_(bias_t)
     return None if tangent is None else tangent.view(*x.shape[:-1], weight.shape[0])
+
+
+class _Constant:
+    """Hides a tensor from torch.func, so that it gets no (zero) tangent of its own."""
+
+    def __init__(self, value: Tensor):
+        self.value = value
+
+
+class _LinearOfConstantWeight(torch.autograd.Function):
+    """``F.linear(x, W, b)`` for a weight W without a tangent, under ``torch.func.jvp``: the
+    tangent is x_t Wᵀ + b_t. torch's own rule would also multiply x by a zero tangent of W,
+    which it materialises under vmap: one wasted primal-sized matmul per layer."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, bias, weight):
+        return F.linear(input, weight.value, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[2].value
+
+    @staticmethod
+    def jvp(ctx, input_tangent, bias_tangent, _):
+        tangent = F.linear(input_tangent, ctx.weight)
+        return tangent if bias_tangent is None else tangent + bias_tangent.to(tangent.dtype)
 
 
 class _RankOneTerm(torch.autograd.Function):
