@@ -9,11 +9,12 @@ Every case times, in one process and interleaved repeat by repeat:
   beforehand: the forward-mode pass without drawing tangents or updating.
 
 Peak memory is measured for ``backprop`` and ``step`` in a fresh process each: the peak
-resident memory above the resting footprint (model, batch and optimizer built) on CPU, and
-``torch.cuda.max_memory_allocated`` above the resting allocation on CUDA.
+resident memory above the resting footprint (model, batch and optimizer built, one step run,
+gradients released) on CPU, and ``torch.cuda.max_memory_allocated`` above the resting
+allocation on CUDA.
 
     python benchmarks/step.py --cases paper-mlp-64 --directions 1 --json step.json
-    python benchmarks/step.py --cases deep-mlp-32 --samplers gaussian --repeats 20 --memory-only
+    python benchmarks/step.py --cases deep-mlp-32 --samplers gaussian --memory-only
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
@@ -236,7 +237,6 @@ class Row:
     k_target: Optional[float] = None  # 1 + 0.7 (K - 1)
     peak_mb: Optional[float] = None  # above resting
     peak_vs_backprop: Optional[float] = None
-    extra: dict = field(default_factory=dict)
 
 
 def build_rows(case: str, times: dict[str, float], memory: dict[str, dict]) -> list[Row]:
