@@ -12,13 +12,7 @@ from fwdgrad_plugins.activity import ActivityPerturbation, NoPerturbableLayerErr
 GAUSSIAN = get("tangent_samplers", "gaussian")()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is many times faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def estimate(closure, params, seed=0, num_directions=1, orthogonal=False, reduce=None):
@@ -29,22 +23,6 @@ def estimate(closure, params, seed=0, num_directions=1, orthogonal=False, reduce
 def autograd_gradients(closure, params):
     with torch.enable_grad():
         return torch.autograd.grad(closure(), list(params), allow_unused=True)
-
-
-@pytest.fixture
-def no_backward(monkeypatch):
-    """Fails the test if autograd's backward engine runs or computes any parameter gradient."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a backward pass ran")
-
-    monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward", refuse)
-    monkeypatch.setattr(torch.autograd, "_engine_run_backward", refuse, raising=False)
-
-    def watch(module):
-        for p in module.parameters():
-            p.register_hook(refuse)
-            p.register_post_accumulate_grad_hook(refuse)
-    return watch
 
 
 def layer_norm_mlp():

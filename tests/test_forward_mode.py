@@ -121,3 +121,12 @@ def test_bfloat16_autocast(sampler):
     with autocast():
         _, expected = autograd_reference(model, closure, params, tangents, seed=0)
     torch.testing.assert_close(result.derivatives, expected.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_weight_perturbation_runs_no_backward_pass(no_backward, num_directions):
+    model, closure = MODELS["cnn_batchnorm_dropout"]()
+    no_backward(model)
+    fwdgrad_plugins.ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1),
+                                    num_directions=num_directions).step(closure)
+    assert all(p.grad is not None for p in model.parameters())

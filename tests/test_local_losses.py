@@ -9,10 +9,11 @@ from torch import nn
 from fwdgrad_plugins import ForwardGradient, get, registered
 from fwdgrad_plugins.local_losses import LocalActivityPerturbation, NotLocalLossModelError, with_local_losses
 from fwdgrad_plugins.models import paper_mlp
-from test_activity import no_backward, one_thread  # noqa: F401  (fixtures)
 
 GAUSSIAN = get("tangent_samplers", "gaussian")()
 RADEMACHER = get("tangent_samplers", "rademacher")()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def estimate(closure, params, seed=0, num_directions=1, sampler=GAUSSIAN):

@@ -4,7 +4,6 @@ results and plots, two processes against one, stop-and-resume, the sweep, bad in
 import importlib.util
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,13 @@ from safetensors.torch import load_file
 
 import fwdgrad_plugins
 from fwdgrad_plugins.models import paper_mlp
+from processes import free_port
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist.py")
 # 128 images at batch 32: 4 steps per epoch, so 6 steps cross an epoch and step 3 is mid-epoch.
 SMALL = ["--train-limit", "128", "--test-limit", "100", "--batch-size", "32", "--max-steps", "6",
          "--epochs", "2", "--lr", "1e-3", "--eval-every", "2"]
 METHODS = ("fwdgrad", "backprop")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(mnist_root, output_dir, *args, processes=1):

@@ -6,7 +6,6 @@ Tiny BERT and GPT-2 models built from configs (no download), SDPA attention, CPU
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +26,12 @@ from transformers import (
 from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments, get
 from fwdgrad_plugins.integrations.transformers_trainer import ESTIMATOR_STATE_NAME
 from fwdgrad_plugins.tangents import derive_seed
+from processes import free_port
 
 VOCAB, LENGTH = 24, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(dropout=0.1):
@@ -302,12 +296,6 @@ def test_recipe_trains_both_ways_and_prints_the_comparison(mnist_root, tmp_path,
     assert "fwdgrad K=1 gaussian adamw_torch lr=0.01 vs backprop adamw_torch lr=0.01" in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_language_model(output_dir, batch_size):
     torch.manual_seed(0)
     model = tiny_gpt2(dropout=0.0)
@@ -338,3 +326,4 @@ if __name__ == "__main__":  # one process of test_two_processes_...
     args, params = train_language_model(Path(sys.argv[1]), batch_size=2)
     assert args.world_size == 2, args.world_size
     torch.save(params, Path(sys.argv[1]) / f"rank{args.process_index}.pt")
+    torch.distributed.destroy_process_group()  # leave no gloo thread running at exit
