@@ -149,7 +149,6 @@ class _PerturbParameters(TorchFunctionMode):
         tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
-
     def _addmm_rank_one(self, input, mat1, mat2, *, beta=1, alpha=1):
         """``torch.addmm(b, x, W)`` with a rank-one tangent u wᵀ on W, as in HuggingFace's
         Conv1D (GPT-2): adds alpha (x·u) wᵀ to the tangent that torch's rule gives for b and x,
