@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, NonFiniteDirectionalDerivativeError, ParametersNotUsedError
-from fwdgrad_plugins.estimators import Estimate, Reduce
+from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
+from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents import RankOne, TangentSampler, combine, derive_seed
@@ -399,13 +399,6 @@ def reduce_estimate(reduce: Optional[Reduce], derivatives: Tensor, grads: list[O
         reduced.append(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     return derivatives, reduced
-
-
-def check_finite(loss: Tensor, derivatives: Tensor) -> None:
-    if not bool(torch.isfinite(derivatives).all()):
-        raise NonFiniteDirectionalDerivativeError(
-            f"directional derivatives {derivatives.tolist()} are not finite (loss "
-            f"{loss.item():.4g}): lower the learning rate, or check the loss for log(0) and overflow.")
 
 
 class ActivityPerturbation:

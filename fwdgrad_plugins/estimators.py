@@ -37,6 +37,15 @@ class Estimate:
     skipped: bool = False  # True when a derivative was not finite and no gradient was written
 
 
+def check_finite(loss: Tensor, derivatives: Tensor) -> None:
+    """Raise NonFiniteDirectionalDerivativeError unless every derivative is finite."""
+    if not bool(torch.isfinite(derivatives).all()):
+        raise NonFiniteDirectionalDerivativeError(
+            f"directional derivatives {derivatives.tolist()} are not finite (loss "
+            f"{loss.item():.4g}): lower the learning rate, or check the loss for log(0) and overflow."
+        )
+
+
 class WeightPerturbation:
     """FG-W, the paper's estimator: g = (1/K) Σ_k (∇f(θ)·v_k) v_k, with v_k ~ ``sampler``.
 
@@ -44,17 +53,14 @@ class WeightPerturbation:
     data-parallel training): each process then forms the same update from shared tangents.
     """
 
+    reduces_gradients = False  # ``reduce`` sees the K derivatives only
+
     def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
                  seed: int, reduce: Optional[Reduce] = None) -> Estimate:
         tangents = sampler.sample(params, num_directions, seed)
         result = directional_derivatives(closure, params, tangents)
         derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
-        if not bool(torch.isfinite(derivatives).all()):
-            raise NonFiniteDirectionalDerivativeError(
-                f"directional derivatives {derivatives.tolist()} are not finite (loss "
-                f"{result.loss.item():.4g}): lower the learning rate, or check the loss for "
-                "log(0) and overflow."
-            )
+        check_finite(result.loss, derivatives)
         coefficients = derivatives / num_directions
         grads = [combine(t, coefficients) if used else None for t, used in zip(tangents, result.used)]
         for grad, rows in zip(grads, result.frozen_rows):

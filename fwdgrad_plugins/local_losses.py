@@ -50,10 +50,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from fwdgrad_plugins.activity import (
-    _PerturbActivities, activity_perturbation, check_finite, reduce_estimate,
+    _PerturbActivities, activity_perturbation, reduce_estimate,
 )
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError
-from fwdgrad_plugins.estimators import Estimate, Reduce
+from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents import TangentSampler, derive_seed
