@@ -57,18 +57,20 @@ class DirectionalDerivatives:
 class _PerturbParameters(TorchFunctionMode):
     """Replaces parameters by their perturbed versions in every torch call of the closure.
 
-    ``perturbed`` maps ``id(param)`` to a dual tensor; ``rank_one`` maps ``id(weight)`` to
-    ``(u, w)`` for a tangent ``u wᵀ``. With ``manual_linear`` (forward_ad dual tensors) the
-    linear rule unpacks duals itself; under ``torch.func.jvp`` it uses ``eps``-style inputs
-    (``u`` is then a dual with primal 0 and tangent u) and plain torch ops.
+    ``perturbed`` maps ``id(param)`` to a ready perturbed tensor. ``tangents`` maps
+    ``id(param)`` to its tangent, a tensor or ``(u, w)`` for ``u wᵀ``, which the linear rule
+    applies directly and ``materialize(param, tangent)`` turns into a perturbed tensor, once,
+    for any other use. With ``manual_linear`` (forward_ad dual tensors) the linear rule unpacks
+    duals itself; under ``torch.func.jvp`` it uses ``eps``-style inputs (``u`` is then a dual
+    with primal 0 and tangent u) and plain torch ops.
     """
 
-    def __init__(self, perturbed, rank_one, manual_linear, materialize, freeze_running_stats=False):
+    def __init__(self, perturbed, tangents, manual_linear, materialize, freeze_running_stats=False):
         super().__init__()
         self.perturbed = perturbed
-        self.rank_one = rank_one
+        self.tangents = tangents
         self.manual_linear = manual_linear
-        self.materialize = materialize  # (weight, u, w) -> perturbed weight, for non-linear uses
+        self.materialize = materialize
         self.freeze_running_stats = freeze_running_stats
         self.used: set[int] = set()
         self.padding_rows: dict[int, set[int]] = {}  # id(weight) -> rows no tangent may touch
@@ -79,10 +81,10 @@ class _PerturbParameters(TorchFunctionMode):
         if key in self.perturbed:
             self.used.add(key)
             return self.perturbed[key]
-        if key in self.rank_one:
+        if key in self.tangents:
             self.used.add(key)
             if key not in self._materialized:
-                self._materialized[key] = self.materialize(value, *self.rank_one[key])
+                self._materialized[key] = self.materialize(value, self.tangents[key])
             return self._materialized[key]
         if type(value) in (list, tuple):
             return type(value)(self._swap(item) for item in value)
@@ -98,7 +100,7 @@ class _PerturbParameters(TorchFunctionMode):
             )
         if func is F.linear:
             return self._linear(*args, **kwargs)
-        if func is torch.addmm and len(args) > 2 and id(args[2]) in self.rank_one:
+        if func is torch.addmm and len(args) > 2 and isinstance(self.tangents.get(id(args[2])), tuple):
             return self._addmm_rank_one(*args, **kwargs)
         if func is F.embedding:
             args, kwargs = self._embedding_arguments(*args, **kwargs)
@@ -116,7 +118,7 @@ class _PerturbParameters(TorchFunctionMode):
         differentiates through it: perturb every row but that one, and record it so the
         estimate leaves it alone too."""
         key = id(weight)
-        if padding_idx is not None and (key in self.perturbed or key in self.rank_one):
+        if padding_idx is not None and (key in self.perturbed or key in self.tangents):
             row = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
             self.padding_rows.setdefault(key, set()).add(row)
             is_padding = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
@@ -125,7 +127,15 @@ class _PerturbParameters(TorchFunctionMode):
         return (input, weight, padding_idx, *rest), kwargs
 
     def _linear(self, input, weight, bias=None):
-        factors = self.rank_one.get(id(weight))
+        factors = self.tangents.get(id(weight))
+        factors = factors if isinstance(factors, tuple) else None
+        if self.manual_linear and weight.dim() == 2:
+            x, x_t = fwAD.unpack_dual(input)
+            w_p, w_t = self._primal_and_tangent(weight)
+            b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
+            out = F.linear(x, w_p, b_p)
+            tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
+            return out if tangent is None else fwAD.make_dual(out, tangent)
         if factors is not None:
             self.used.add(id(weight))
         else:
@@ -140,20 +150,22 @@ class _PerturbParameters(TorchFunctionMode):
                 u, w = factors  # u: dual (primal 0, tangent u); w: plain
                 out = out + _RankOneTerm.apply(input, u, w)
             return out
-        if weight.dim() != 2:  # a 1-D weight (never rank-one): forward AD's own rule
-            return F.linear(input, weight, bias)
-        x, x_t = fwAD.unpack_dual(input)
-        w_p, w_t = fwAD.unpack_dual(weight)
-        b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
-        out = F.linear(x, w_p, b_p)
-        tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
-        return out if tangent is None else fwAD.make_dual(out, tangent)
+        return F.linear(input, weight, bias)  # a 1-D weight (never rank-one): forward AD's own rule
+
+    def _primal_and_tangent(self, value):
+        """A linear layer's weight or bias as (primal, dense tangent or None). A parameter's
+        own tangent is used as it is: making it a dual would copy it unless it owns its storage."""
+        tangent = self.tangents.get(id(value))
+        if tangent is None:
+            return fwAD.unpack_dual(self._swap(value))
+        self.used.add(id(value))
+        return value, None if isinstance(tangent, tuple) else tangent
 
     def _addmm_rank_one(self, input, mat1, mat2, *, beta=1, alpha=1):
         """``torch.addmm(b, x, W)`` with a rank-one tangent u wᵀ on W, as in HuggingFace's
         Conv1D (GPT-2): adds alpha (x·u) wᵀ to the tangent that torch's rule gives for b and x,
         in O(N·(in + out)) instead of materialising u wᵀ."""
-        u, w = self.rank_one[id(mat2)]
+        u, w = self.tangents[id(mat2)]
         self.used.add(id(mat2))
         out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
         if not self.manual_linear:  # u: dual (primal 0, tangent u); w: plain
@@ -340,17 +352,11 @@ def _direction(tangent: Tangent, k: int):
 
 def _single_direction(closure, params, tangents, freeze_running_stats=False):
     with fwAD.dual_level():
-        perturbed, rank_one = {}, {}
-        for p, t in zip(params, tangents):
-            if isinstance(t, RankOne):
-                rank_one[id(p)] = (t.u, t.w)
-            else:
-                perturbed[id(p)] = fwAD.make_dual(p, t)
         mode = _PerturbParameters(
-            perturbed,
-            rank_one,
+            {},
+            {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)},
             manual_linear=True,
-            materialize=lambda p, u, w: fwAD.make_dual(p, torch.outer(u, w)),
+            materialize=lambda p, t: fwAD.make_dual(p, torch.outer(*t) if isinstance(t, tuple) else t),
             freeze_running_stats=freeze_running_stats,
         )
         with mode:
@@ -393,7 +399,7 @@ def _vmapped_directions(closure, params, tangents):
                 {id(params[i]): v for i, v in zip(dense, values)},
                 {id(params[i]): (u, w) for i, u, w in zip(rank_one, values[len(dense):], w_factors)},
                 manual_linear=False,
-                materialize=lambda p, u, w: p + u.unsqueeze(-1) * w,
+                materialize=lambda p, uw: p + uw[0].unsqueeze(-1) * uw[1],
             )
             with mode:
                 loss = _check_loss(closure())

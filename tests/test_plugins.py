@@ -17,16 +17,15 @@ import fwdgrad_plugins
 from fwdgrad_plugins import ForwardGradient, hookimpl, hookspecs
 from fwdgrad_plugins.estimators import WeightPerturbation
 from fwdgrad_plugins.plugins import plugin_manager
-from fwdgrad_plugins.tangents import fill_
 
 
 class UniformSampler:
     """A third-party sampler: uniform on [-√3, √3] has zero mean and unit variance."""
 
     def sample(self, params, num_directions, seed):
-        tangents = [p.new_empty((num_directions, *p.shape)) for p in params]
-        fill_(tangents, seed, lambda part, generator: part.uniform_(-3**0.5, 3**0.5, generator=generator))
-        return tangents
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.empty(num_directions, *p.shape).uniform_(-3**0.5, 3**0.5, generator=generator).to(p)
+                for p in params]
 
 
 class HalvedWeightPerturbation(WeightPerturbation):

@@ -1,5 +1,5 @@
 """Tangent samplers: the second moment E[v vᵀ] is the identity for every registered sampler,
-and the packed-bit Rademacher sampler gives exact, fair, independent signs."""
+and the Rademacher sampler gives exact, fair, independent signs."""
 
 import pytest
 import torch
@@ -36,12 +36,12 @@ def test_same_seed_same_tangents_other_seed_others(sampler):
 
 
 def test_rademacher_signs_are_exact_fair_and_independent():
-    # 2**20 + 7 entries: several generator chunks and a ragged end
+    # 2**20 + 7 entries: a ragged end
     (tangent,) = fwdgrad_plugins.get("tangent_samplers", "rademacher")().sample(
         [torch.zeros(2**20 + 7)], 1, seed=0)
     signs = tangent.flatten()
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
-    # each of the 64 bit positions of a random word is fair (a lost bit would give +1 always)
+    # every position modulo 64 is fair (a stuck bit of the hash would give +1 there always)
     by_bit = signs[: 2**20].view(-1, 64).mean(0)
     assert by_bit.abs().max() < 5 / (2**20 / 64) ** 0.5
     # neighbours are uncorrelated

@@ -1,0 +1,96 @@
+"""The counter-based generator: every value is a pure function of (seed, index), the compiled
+and eager kernels agree, and the values have the distribution they claim."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fwdgrad_plugins import counter_rng
+
+DRAWS = [counter_rng.normal, counter_rng.signs]
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_any_slice_equals_the_same_slice_of_a_longer_draw(draw, monkeypatch):
+    monkeypatch.setattr(counter_rng, "BLOCK", 64)  # so the draws below cross key blocks
+    whole = draw(11, 0, 1000)
+    for start, count in [(0, 1), (1, 1), (3, 250), (127, 129), (128, 3), (999, 1)]:
+        # exact integers; log, sqrt, sin and cos may differ in the last bit between kernels
+        torch.testing.assert_close(draw(11, start, count), whole[start : start + count],
+                                   rtol=1e-6, atol=1e-6, msg=f"slice {start}:{start + count}")
+    assert (draw(12, 0, 1000) != whole).float().mean() > 0.4
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_compiled_and_eager_kernels_agree(draw, monkeypatch):
+    compiled = draw(5, 3, 100_001)
+    monkeypatch.setattr(counter_rng, "_compilable", lambda device: False)
+    eager = draw(5, 3, 100_001)
+    # the integer hashing is exact; log, sqrt, sin and cos may differ in the last bit
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_draws_inside_vmap_run_eagerly_without_a_warning():
+    expected = counter_rng.normal(2, 0, 50_000)[:3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.func.vmap(lambda x: x + counter_rng.normal(2, 0, 50_000)[:3])(torch.zeros(2, 3))
+    torch.testing.assert_close(out, expected.expand(2, 3), rtol=1e-6, atol=1e-6)
+    assert not counter_rng._compile_failed
+
+
+def test_a_kernel_that_cannot_compile_warns_once_and_draws_the_same_values(monkeypatch):
+    expected = counter_rng.normal(9, 0, 1000)
+
+    def no_compiler(kernel):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(counter_rng, "_compiled", no_compiler)
+    monkeypatch.setattr(counter_rng, "_compile_failed", False)
+    with pytest.warns(RuntimeWarning, match="eager torch ops.*C\\+\\+ compiler"):
+        first = counter_rng.normal(9, 0, 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        counter_rng.normal(9, 0, 1000)
+    torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-6)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def test_normals_have_the_standard_normal_distribution():
+    n = 1 << 21
+    z = counter_rng.normal(3, 0, n).double()
+    # moments, each within 5 standard errors: E z = 0, E z² = 1 (var 2), E z⁴ = 3 (var 96)
+    assert abs(z.mean()) < 5 / n**0.5
+    assert abs(z.pow(2).mean() - 1) < 5 * (2 / n) ** 0.5
+    assert abs(z.pow(4).mean() - 3) < 5 * (96 / n) ** 0.5
+    # Kolmogorov-Smirnov distance to N(0, 1), far below the 0.1 % critical value 1.95 / √n
+    # for a sub-sample (the full sample's 24-bit inputs are finer than the test needs)
+    sample = z[: 1 << 16].sort().values
+    empirical = torch.arange(1, sample.numel() + 1, dtype=torch.float64) / sample.numel()
+    assert (empirical - _normal_cdf(sample)).abs().max() < 1.95 / sample.numel() ** 0.5
+    # neighbours (the cos and sin of one Box-Muller pair among them) are uncorrelated
+    assert abs((z[1:] * z[:-1]).mean()) < 5 / n**0.5
+
+
+def test_streams_of_other_seeds_and_blocks_are_uncorrelated(monkeypatch):
+    n = 1 << 18
+    a, b = counter_rng.normal(1, 0, n).double(), counter_rng.normal(2, 0, n).double()
+    assert abs((a * b).mean()) < 5 / n**0.5
+    monkeypatch.setattr(counter_rng, "BLOCK", n // 2)  # two blocks, keyed independently
+    z = counter_rng.normal(1, 0, n).double()
+    assert abs((z[: n // 2] * z[n // 2 :]).mean()) < 5 / (n // 2) ** 0.5
+
+
+def test_signs_are_fair_and_uncorrelated():
+    n = 1 << 20
+    s = counter_rng.signs(4, 0, n)
+    assert set(s.unique().tolist()) == {-1.0, 1.0}
+    assert abs(s.mean()) < 5 / n**0.5
+    assert abs((s[1:] * s[:-1]).mean()) < 5 / n**0.5
