@@ -54,7 +54,10 @@ Tangent = Union[Tensor, RankOne]  # a dense tangent is a (K, *param.shape) tenso
 def combine(tangent: Tangent, coefficients: Tensor) -> Tensor:
     """Σ_k c_k v_k, shaped like the parameter. May reuse a dense tangent's memory."""
     if isinstance(tangent, RankOne):
-        return (tangent.u * coefficients.to(tangent.u.dtype).unsqueeze(1)).T @ tangent.w
+        coefficients = coefficients.to(tangent.u.dtype)
+        if tangent.num_directions == 1:
+            return torch.outer(tangent.u[0] * coefficients[0], tangent.w[0])
+        return (tangent.u * coefficients.unsqueeze(1)).T @ tangent.w
     if tangent.shape[0] == 1:
         return tangent[0].mul_(coefficients[0].to(tangent.dtype))
     return torch.tensordot(coefficients.to(tangent.dtype), tangent, dims=1)
