@@ -136,13 +136,14 @@ class _PerturbParameters(TorchFunctionMode):
             out = F.linear(x, w_p, b_p)
             tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
             return out if tangent is None else fwAD.make_dual(out, tangent)
+        has_dense_tangent = id(weight) in self.perturbed
         if factors is not None:
             self.used.add(id(weight))
         else:
             weight = self._swap(weight)
         bias = self._swap(bias) if bias is not None else None
         if not self.manual_linear:
-            if factors is not None or id(weight) not in self.perturbed:  # a weight with no tangent
+            if not has_dense_tangent:  # rank-one or no tangent: the weight is a constant here
                 out = _LinearOfConstantWeight.apply(input, bias, _Constant(weight))
             else:
                 out = F.linear(input, weight, bias)

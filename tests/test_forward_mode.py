@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fwdgrad_plugins
-from fwdgrad_plugins import directional_derivatives
+from fwdgrad_plugins import directional_derivatives, forward_mode
 from fwdgrad_plugins.estimators import trainable_parameters
 from fwdgrad_plugins.tangents import RankOne
 
@@ -52,6 +52,23 @@ def test_directional_derivatives_equal_autograd(name, num_directions, sampler):
     # BatchNorm running statistics moved exactly as one plain forward pass moves them.
     for key, value in model.named_buffers():
         torch.testing.assert_close(after_one_step[key], value)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("name", ["mlp", "dropout_mlp", "tied", "tiny_bert"])
+def test_many_directions_run_as_one_vmapped_pass(name, sampler, monkeypatch):
+    """The K-pass fallback is for models torch.func refuses (BatchNorm updating its running
+    statistics); it gives the same numbers, so only this test sees a model taking it."""
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back to one forward pass per direction")
+
+    monkeypatch.setattr(forward_mode, "_sequential_directions", no_fallback)
+    monkeypatch.setattr(forward_mode, "_NOT_VMAPPABLE", set())
+    model, closure = MODELS[name]()
+    params = trainable_parameters(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 3, seed=1)
+    assert directional_derivatives(closure, params, tangents).derivatives.shape == (3,)
 
 
 def test_shared_parameter_is_perturbed_once():
