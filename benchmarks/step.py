@@ -1,6 +1,7 @@
 """Step time and peak memory of forward-gradient training next to backprop, side by side.
 
-Every case times, in one process and interleaved repeat by repeat:
+Every case times, in one process and interleaved round by round (each round runs every
+method once; a ratio is the median over rounds of the two methods' times in one round):
 
 - ``backprop``: ``zero_grad(); loss_fn().backward(); optimizer.step()``;
 - ``step``: ``zero_grad(); ForwardGradient.step(loss_fn)``, as users call it (the tangents
@@ -144,9 +145,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_step_times(work: Workload, methods: list[Method], device: torch.device,
-                      repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each method; methods interleaved, in a rotating order."""
+def step_times(work: Workload, methods: list[Method], device: torch.device,
+               repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each method, one per round; every round runs each method once, in
+    a rotating order."""
     runners = [make_runner(m, work) for m in methods]
     for run in runners:
         for _ in range(warmup):
@@ -160,7 +162,13 @@ def median_step_times(work: Workload, methods: list[Method], device: torch.devic
             runners[index]()
             _synchronize(device)
             times[index].append(time.perf_counter() - start)
-    return {m.name: statistics.median(t) for m, t in zip(methods, times)}
+    return {m.name: t for m, t in zip(methods, times)}
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over rounds of time / the reference's time in the same round: robust to a
+    machine whose speed drifts between rounds, as shared VMs' does."""
+    return statistics.median(t / r for t, r in zip(times, reference))
 
 
 # --------------------------------------------------------------------------- memory
@@ -232,26 +240,26 @@ class Row:
     case: str
     method: str
     median_ms: Optional[float] = None
-    vs_backprop: Optional[float] = None  # time / backprop's time
-    vs_one_direction: Optional[float] = None  # time / the same sampler's K=1 time
+    vs_backprop: Optional[float] = None  # median over rounds of time / backprop's time
+    vs_one_direction: Optional[float] = None  # the same, over the same sampler's K=1 time
     k_target: Optional[float] = None  # 1 + 0.7 (K - 1)
     peak_mb: Optional[float] = None  # above resting
     peak_vs_backprop: Optional[float] = None
 
 
-def build_rows(case: str, times: dict[str, float], memory: dict[str, dict]) -> list[Row]:
+def build_rows(case: str, times: dict[str, list[float]], memory: dict[str, dict]) -> list[Row]:
     rows = []
     names = list(times) or list(memory)
     for name in names:
         method = Method.parse(name)
         row = Row(case, name)
         if name in times:
-            row.median_ms = times[name] * 1e3
+            row.median_ms = statistics.median(times[name]) * 1e3
             if "backprop" in times:
-                row.vs_backprop = times[name] / times["backprop"]
+                row.vs_backprop = median_ratio(times[name], times["backprop"])
             one = Method(method.kind, method.sampler, 1).name
             if method.kind != "backprop" and method.directions > 1 and one in times:
-                row.vs_one_direction = times[name] / times[one]
+                row.vs_one_direction = median_ratio(times[name], times[one])
                 row.k_target = 1 + 0.7 * (method.directions - 1)
         if name in memory:
             row.peak_mb = memory[name]["peak_above_resting_bytes"] / 2**20
@@ -343,7 +351,7 @@ def main(argv=None) -> list[Row]:
     for case in cases:
         times = {}
         if not args.memory_only:
-            times = median_step_times(CASES[case](device), methods, device, args.repeats, args.warmup)
+            times = step_times(CASES[case](device), methods, device, args.repeats, args.warmup)
         memory = {}
         if not args.no_memory:
             for m in methods:
