@@ -125,8 +125,9 @@ def _run(kernel: Kernel, keys: Tensor, first: int, count: int) -> Tensor:
             _compile_failed = True
             warnings.warn(
                 f"torch.compile could not build the tangent kernel ({type(error).__name__}: "
-                f"{str(error)[:200]}); tangents are drawn with eager torch ops instead, the "
-                "same values but several times slower. Install a C++ compiler to speed them up.",
+                f"{str(error)[:200]}); tangents are drawn with eager torch ops instead: the "
+                "same values (to float rounding), several times slower. Install a C++ compiler "
+                "to speed them up.",
                 RuntimeWarning, stacklevel=3,
             )
     parts = []
