@@ -103,7 +103,7 @@ _compile_failed = False
 
 @lru_cache(maxsize=None)
 def _compiled(kernel: Kernel) -> Kernel:
-    return torch.compile(kernel, dynamic=True, fullgraph=True)
+    return torch.compile(kernel, dynamic=True)  # runs eagerly under TORCH_COMPILE_DISABLE=1
 
 
 def _compilable(device: torch.device) -> bool:
@@ -127,7 +127,8 @@ def _run(kernel: Kernel, keys: Tensor, first: int, count: int) -> Tensor:
                 f"torch.compile could not build the tangent kernel ({type(error).__name__}: "
                 f"{str(error)[:200]}); tangents are drawn with eager torch ops instead: the "
                 "same values (to float rounding), several times slower. Install a C++ compiler "
-                "to speed them up.",
+                "to speed them up, or set TORCH_COMPILE_DISABLE=1 to draw eagerly without this "
+                "warning.",
                 RuntimeWarning, stacklevel=3,
             )
     parts = []
