@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 
 import pytest
@@ -101,14 +100,13 @@ def test_signs_are_fair_and_uncorrelated():
     assert abs((s[1:] * s[:-1]).mean()) < 5 / n**0.5
 
 
-def test_torch_compile_disabled_draws_the_same_values_eagerly_without_a_warning():
+def test_torch_compile_disabled_draws_the_same_values_eagerly_without_a_warning(tmp_path):
     code = ("import sys, torch; from fwdgrad_plugins import counter_rng; "
             "torch.save(counter_rng.normal(9, 0, 100_000), sys.argv[1])")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "draw.pt")
-        done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code, path],
-                              env={**os.environ, "TORCH_COMPILE_DISABLE": "1"},
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        eager = torch.load(path)
+    path = tmp_path / "draw.pt"
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code, str(path)],
+                          env={**os.environ, "TORCH_COMPILE_DISABLE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    eager = torch.load(path)
     torch.testing.assert_close(eager, counter_rng.normal(9, 0, 100_000), rtol=1e-6, atol=1e-6)
