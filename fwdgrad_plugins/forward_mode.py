@@ -103,7 +103,7 @@ class _PerturbParameters(TorchFunctionMode):
         if func is torch.addmm and len(args) > 2 and isinstance(self.tangents.get(id(args[2])), tuple):
             return self._addmm_rank_one(*args, **kwargs)
         if func is F.embedding:
-            args, kwargs = self._embedding_arguments(*args, **kwargs)
+            return self._embedding(*args, **kwargs)
         if self.freeze_running_stats:
             if func is F.batch_norm:
                 args, kwargs = _with_copied_running_stats(args, kwargs)
@@ -113,18 +113,29 @@ class _PerturbParameters(TorchFunctionMode):
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    def _embedding_arguments(self, input, weight, padding_idx=None, *rest, **kwargs):
-        """Autograd never updates an embedding's padding row, but torch's forward-mode rule
-        differentiates through it: perturb every row but that one, and record it so the
-        estimate leaves it alone too."""
+    def _embedding(self, input, weight, padding_idx=None, max_norm=None, *rest, **kwargs):
+        """``F.embedding``. A rank-one tangent u wᵀ gives the looked-up rows u[i] w, in
+        O(tokens · dim) and without materialising u wᵀ (a vocabulary-sized matrix).
+
+        Autograd never updates the padding row, but torch's forward-mode rule differentiates
+        through it: that row gets no tangent, and is recorded so the estimate leaves it alone."""
         key = id(weight)
-        if padding_idx is not None and (key in self.perturbed or key in self.tangents):
-            row = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
-            self.padding_rows.setdefault(key, set()).add(row)
+        tangent = self.tangents.get(key)
+        padding_row = None
+        if padding_idx is not None and (key in self.perturbed or tangent is not None):
+            padding_row = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
+            self.padding_rows.setdefault(key, set()).add(padding_row)
+        if isinstance(tangent, tuple) and max_norm is None:  # max_norm renormalises rows in place
+            self.used.add(key)
+            out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
+            if self.manual_linear:
+                return fwAD.make_dual(out, _embedding_rows(input, *tangent, padding_row))
+            return out + _RankOneEmbeddingTerm.apply(input, *tangent, padding_row)
+        if padding_row is not None:
             is_padding = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-            is_padding[row] = True
+            is_padding[padding_row] = True
             weight = torch.where(is_padding, weight.detach(), self._swap(weight))
-        return (input, weight, padding_idx, *rest), kwargs
+        return F.embedding(input, self._swap(weight), padding_idx, max_norm, *rest, **kwargs)
 
     def _linear(self, input, weight, bias=None):
         factors = self.tangents.get(id(weight))
@@ -258,6 +269,35 @@ class _RankOneTerm(torch.autograd.Function):
         if ctx.transposed:
             return (input @ u_tangent).unsqueeze(-1) * w
         return (input @ w).unsqueeze(-1) * u_tangent
+
+
+def _embedding_rows(indices, u, w, padding_row):
+    """(u wᵀ)[indices] = u[indices] wᵀ, with the padding row's entries left at zero."""
+    coefficients = u[indices]
+    if padding_row is not None:
+        coefficients = coefficients.masked_fill(indices == padding_row, 0)
+    return coefficients.unsqueeze(-1) * w
+
+
+class _RankOneEmbeddingTerm(torch.autograd.Function):
+    """Zero, with tangent u[indices] wᵀ: a rank-one weight tangent's share of an embedding's
+    output tangent under ``torch.func.jvp`` (a zero primal, as in ``_RankOneTerm``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(indices, u, w, padding_row):
+        return w.new_zeros((*indices.shape, w.shape[-1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        indices, _, w, ctx.padding_row = inputs
+        ctx.save_for_forward(indices, w)
+
+    @staticmethod
+    def jvp(ctx, indices_tangent, u_tangent, *_):
+        indices, w = ctx.saved_tensors
+        return _embedding_rows(indices, u_tangent, w, ctx.padding_row)
 
 
 def _with_copied_running_stats(args, kwargs):

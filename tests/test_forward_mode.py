@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -69,6 +70,48 @@ def test_many_directions_run_as_one_vmapped_pass(name, sampler, monkeypatch):
     params = trainable_parameters(model.parameters())
     tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 3, seed=1)
     assert directional_derivatives(closure, params, tangents).derivatives.shape == (3,)
+
+
+class PaddedEmbeddingBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 6, padding_idx=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids).tanh().mean(1))
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("name", ["padded_embedding", "tiny_bert"])
+def test_rank_one_embedding_tangents_are_never_materialised(name, num_directions, monkeypatch):
+    """u wᵀ on an embedding (a vocabulary-sized matrix) is applied as the rows u[i] w."""
+    original_init = forward_mode._PerturbParameters.__init__
+
+    def init(self, perturbed, tangents, manual_linear, materialize, *args, **kwargs):
+        def refuse_rank_one(param, tangent):
+            if isinstance(tangent, tuple):  # (u, w); dense tangents (LayerNorm's) pass
+                raise AssertionError(f"materialised u wᵀ for a {tuple(param.shape)} parameter")
+            return materialize(param, tangent)
+
+        original_init(self, perturbed, tangents, manual_linear, refuse_rank_one, *args, **kwargs)
+
+    monkeypatch.setattr(forward_mode._PerturbParameters, "__init__", init)
+    if name == "padded_embedding":
+        torch.manual_seed(0)
+        model = PaddedEmbeddingBag()
+        ids, y = torch.tensor([[1, 3, 1, 7], [5, 1, 1, 2]]), torch.tensor([0, 2])  # 1: padding
+        closure = lambda: F.cross_entropy(model(ids), y)
+    else:
+        model, closure = MODELS[name]()
+        model.eval()
+    params = trainable_parameters(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", "rank1-gaussian")().sample(params, num_directions, seed=6)
+    result = directional_derivatives(closure, params, tangents)
+    _, expected = autograd_reference(model, closure, params, tangents, seed=0)
+    torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
+    if name == "padded_embedding":
+        assert result.frozen_rows[0] == [1]  # the estimate leaves the padding row alone
 
 
 def test_shared_parameter_is_perturbed_once():
