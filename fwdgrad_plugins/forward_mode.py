@@ -286,8 +286,8 @@ class _RankOneEmbeddingTerm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(indices, u, w, padding_row):
-        return w.new_zeros((*indices.shape, w.shape[-1]))
+    def forward(indices, u, w, padding_row):  # built from the unbatched indices: vmap batches w
+        return indices.new_zeros((*indices.shape, w.shape[-1]), dtype=w.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
