@@ -271,6 +271,27 @@ class _RankOneTerm(torch.autograd.Function):
         return (input @ w).unsqueeze(-1) * u_tangent
 
 
+class _RankOneMatrix(torch.autograd.Function):
+    """Zero, with tangent u wᵀ, under ``torch.func.jvp``: a rank-one weight tangent for an op
+    without a rule of its own. ``u[:, None] * w`` would give the zero primal the batch
+    dimension of the directions' ``w`` (see ``_RankOneTerm``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u, w):
+        return u.new_zeros((u.shape[-1], w.shape[-1]))  # u's primal is unbatched zeros
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, u_tangent, _):
+        (w,) = ctx.saved_tensors
+        return u_tangent.unsqueeze(-1) * w
+
+
 def _embedding_rows(indices, u, w, padding_row):
     """(u wᵀ)[indices] = u[indices] wᵀ, with the padding row's entries left at zero."""
     coefficients = u[indices]
@@ -440,7 +461,7 @@ def _vmapped_directions(closure, params, tangents):
                 {id(params[i]): v for i, v in zip(dense, values)},
                 {id(params[i]): (u, w) for i, u, w in zip(rank_one, values[len(dense):], w_factors)},
                 manual_linear=False,
-                materialize=lambda p, uw: p + uw[0].unsqueeze(-1) * uw[1],
+                materialize=lambda p, uw: p + _RankOneMatrix.apply(*uw),
             )
             with mode:
                 loss = _check_loss(closure())

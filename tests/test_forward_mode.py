@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C import _functorch as functorch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fwdgrad_plugins
@@ -70,6 +71,39 @@ def test_many_directions_run_as_one_vmapped_pass(name, sampler, monkeypatch):
     params = trainable_parameters(model.parameters())
     tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 3, seed=1)
     assert directional_derivatives(closure, params, tangents).derivatives.shape == (3,)
+
+
+def primal_is_batched(tensor) -> bool:
+    """Whether the primal under torch.func's jvp wrappers carries a vmap batch dimension."""
+    while functorch.is_functorch_wrapped_tensor(tensor) or functorch.is_batchedtensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
+@pytest.mark.parametrize("name", ["mlp", "matmul_weight", "tiny_bert"])
+def test_rank_one_directions_share_one_unbatched_primal(name, monkeypatch):
+    """Under vmap only the tangents may carry the directions' batch dimension: a batched
+    primal would be computed once per direction."""
+    batched = []
+    original = forward_mode._PerturbParameters.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        out = original(self, func, types, args, kwargs)
+        if isinstance(out, torch.Tensor) and primal_is_batched(out):
+            batched.append(getattr(func, "__name__", str(func)))
+        return out
+
+    monkeypatch.setattr(forward_mode._PerturbParameters, "__torch_function__", spy)
+    monkeypatch.setattr(forward_mode, "_NOT_VMAPPABLE", set())
+    model, closure = MODELS[name]()
+    model.eval()
+    params = trainable_parameters(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", "rank1-gaussian")().sample(params, 2, seed=8)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        forward_mode._vmapped_directions(closure, params, tangents)
+    assert not batched, f"ops whose primal was computed once per direction: {batched}"
 
 
 class PaddedEmbeddingBag(nn.Module):

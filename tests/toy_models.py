@@ -38,6 +38,24 @@ class TiedLinear(nn.Module):
         return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
 
+class MatmulWeight(nn.Module):
+    """A 2-D weight used by ``@``, not by ``F.linear``: no rank-one rule of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 5) / 2)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.weight))
+
+
+def matmul_weight():
+    model = MatmulWeight()
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    return model, lambda: F.mse_loss(model(x), y)
+
+
 def tied():
     model = TiedLinear()
     x, y = torch.randn(5, 4), torch.randn(5, 2)
@@ -56,4 +74,4 @@ def tiny_bert():
 
 
 MODELS = {"mlp": mlp, "cnn_batchnorm_dropout": cnn_batchnorm_dropout, "dropout_mlp": dropout_mlp,
-          "tied": tied, "tiny_bert": tiny_bert}
+          "tied": tied, "matmul_weight": matmul_weight, "tiny_bert": tiny_bert}
