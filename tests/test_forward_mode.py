@@ -57,7 +57,7 @@ def test_directional_derivatives_equal_autograd(name, num_directions, sampler):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("name", ["mlp", "dropout_mlp", "tied", "tiny_bert"])
+@pytest.mark.parametrize("name", ["mlp", "dropout_mlp", "tied", "matmul_weight", "tiny_bert", "tiny_gpt2"])
 def test_many_directions_run_as_one_vmapped_pass(name, sampler, monkeypatch):
     """The K-pass fallback is for models torch.func refuses (BatchNorm updating its running
     statistics); it gives the same numbers, so only this test sees a model taking it."""
@@ -82,7 +82,7 @@ def primal_is_batched(tensor) -> bool:
     return False
 
 
-@pytest.mark.parametrize("name", ["mlp", "matmul_weight", "tiny_bert"])
+@pytest.mark.parametrize("name", ["mlp", "matmul_weight", "tiny_bert", "tiny_gpt2"])
 def test_rank_one_directions_share_one_unbatched_primal(name, monkeypatch):
     """Under vmap only the tangents may carry the directions' batch dimension: a batched
     primal would be computed once per direction."""

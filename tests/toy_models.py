@@ -73,5 +73,17 @@ def tiny_bert():
     return model, lambda: model(input_ids=ids, labels=labels).loss
 
 
+def tiny_gpt2():
+    """Conv1D (torch.addmm) layers, and a token embedding tied to the output layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=12,
+                        attn_implementation="sdpa")
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, 40, (2, 12))
+    return model, lambda: model(input_ids=ids, labels=ids).loss
+
+
 MODELS = {"mlp": mlp, "cnn_batchnorm_dropout": cnn_batchnorm_dropout, "dropout_mlp": dropout_mlp,
-          "tied": tied, "matmul_weight": matmul_weight, "tiny_bert": tiny_bert}
+          "tied": tied, "matmul_weight": matmul_weight, "tiny_bert": tiny_bert,
+          "tiny_gpt2": tiny_gpt2}
