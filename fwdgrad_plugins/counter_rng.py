@@ -40,7 +40,10 @@ BLOCK = 1 << 30  # counters per key: counters stay within int32
 EAGER_CHUNK = 1 << 22  # counters per eager pass, to bound the temporaries
 _MASK64 = (1 << 64) - 1
 
-Kernel = Callable[[Tensor, Tensor, int], Tensor]  # (keys, first counter, count) -> (count, width)
+# (keys, first counter, count, device) -> (count, width). keys and first are int32 tensors
+# for the compiled kernel (so new values reuse it) and Python ints in eager mode (so a CUDA
+# draw copies nothing from the host).
+Kernel = Callable[..., Tensor]
 
 
 def derive_seed(*parts: int) -> int:
@@ -69,7 +72,7 @@ def _lowbias32(x: Tensor) -> Tensor:
     return x ^ _shift_right(x, 16)
 
 
-def _hash(counter: Tensor, key0: Tensor, key1: Tensor) -> Tensor:
+def _hash(counter: Tensor, key0, key1) -> Tensor:
     return _lowbias32(_lowbias32(counter ^ key0) ^ key1)
 
 
@@ -78,21 +81,21 @@ def _open_unit_interval(bits: Tensor) -> Tensor:
     return (_shift_right(bits, 8).to(torch.float32) + 1.0) * 2.0**-24
 
 
-def _counters(keys: Tensor, first: Tensor, count: int) -> Tensor:
-    return torch.arange(count, dtype=torch.int32, device=keys.device) + first
+def _counters(first, count: int, device: torch.device) -> Tensor:
+    return torch.arange(count, dtype=torch.int32, device=device) + first
 
 
-def _normal_pairs(keys: Tensor, first: Tensor, count: int) -> Tensor:
+def _normal_pairs(keys, first, count: int, device: torch.device) -> Tensor:
     """(count, 2) N(0, 1) values: Box–Muller on two independent hashes of each counter."""
-    counter = _counters(keys, first, count)
+    counter = _counters(first, count, device)
     radius = torch.sqrt(-2.0 * torch.log(_open_unit_interval(_hash(counter, keys[0], keys[1]))))
     angle = (2 * math.pi) * _open_unit_interval(_hash(counter, keys[2], keys[3]))
     return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
 
 
-def _signs(keys: Tensor, first: Tensor, count: int) -> Tensor:
+def _signs(keys, first, count: int, device: torch.device) -> Tensor:
     """(count, 1) values ±1 from the top bit of each counter's hash."""
-    top_bit = _shift_right(_hash(_counters(keys, first, count), keys[0], keys[1]), 31)
+    top_bit = _shift_right(_hash(_counters(first, count, device), keys[0], keys[1]), 31)
     return (1.0 - 2.0 * top_bit.to(torch.float32)).unsqueeze(1)
 
 
@@ -114,13 +117,14 @@ def _compilable(device: torch.device) -> bool:
             and torch._C._len_torch_function_stack() == 0)
 
 
-def _run(kernel: Kernel, keys: Tensor, first: int, count: int) -> Tensor:
+def _run(kernel: Kernel, keys: list[int], first: int, count: int, device: torch.device) -> Tensor:
     """``kernel`` on ``count`` counters from ``first``: compiled where it can be, else in
     eager passes of ``EAGER_CHUNK`` counters."""
     global _compile_failed
-    if _compilable(keys.device):
+    if _compilable(device):
         try:
-            return _compiled(kernel)(keys, torch.tensor(first, dtype=torch.int32), count)
+            as_tensor = lambda value: torch.tensor(value, dtype=torch.int32)
+            return _compiled(kernel)(as_tensor(keys), as_tensor(first), count, device)
         except Exception as error:  # no C++ compiler, an unsupported platform, ...
             _compile_failed = True
             warnings.warn(
@@ -131,17 +135,15 @@ def _run(kernel: Kernel, keys: Tensor, first: int, count: int) -> Tensor:
                 "warning.",
                 RuntimeWarning, stacklevel=3,
             )
-    parts = []
-    for offset in range(0, count, EAGER_CHUNK):
-        first_here = torch.tensor(first + offset, dtype=torch.int32, device=keys.device)
-        parts.append(kernel(keys, first_here, min(EAGER_CHUNK, count - offset)))
+    parts = [kernel(keys, first + offset, min(EAGER_CHUNK, count - offset), device)
+             for offset in range(0, count, EAGER_CHUNK)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _keys(seed: int, block: int, device: torch.device) -> Tensor:
-    """Four int32 keys (128 bits) for one block of a stream."""
+def _keys(seed: int, block: int) -> list[int]:
+    """Four keys (128 bits) for one block of a stream, as int32 values."""
     words = [derive_seed(seed, block, lane) & 0xFFFFFFFF for lane in range(4)]
-    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32, device=device)
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
 
 
 def _draw(kernel: Kernel, width: int, seed: int, start: int, count: int,
@@ -154,7 +156,7 @@ def _draw(kernel: Kernel, width: int, seed: int, start: int, count: int,
     parts = []
     for block in range(first // BLOCK, (end - 1) // BLOCK + 1):
         lo, hi = max(first, block * BLOCK), min(end, (block + 1) * BLOCK)
-        parts.append(_run(kernel, _keys(seed, block, device), lo - block * BLOCK, hi - lo).view(-1))
+        parts.append(_run(kernel, _keys(seed, block), lo - block * BLOCK, hi - lo, device).view(-1))
     values = parts[0] if len(parts) == 1 else torch.cat(parts)
     skip = start - first * width
     return values[skip : skip + count]
