@@ -36,11 +36,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-BLOCK = 1 << 30  # counters per key: counters stay within int32
-EAGER_CHUNK = 1 << 22  # counters per eager pass, to bound the temporaries
+LANES = 64  # counters per unit: a kernel computes whole units, stored as contiguous runs
+BLOCK = 1 << 24  # units per key: counters stay within int32
+EAGER_CHUNK = 1 << 16  # units per eager pass, to bound the temporaries
 _MASK64 = (1 << 64) - 1
 
-# (keys, first counter, count, device) -> (count, width). keys and first are int32 tensors
+# (keys, first unit, units, device) -> (units, width). keys and first are int32 tensors
 # for the compiled kernel (so new values reuse it) and Python ints in eager mode (so a CUDA
 # draw copies nothing from the host).
 Kernel = Callable[..., Tensor]
@@ -81,22 +82,25 @@ def _open_unit_interval(bits: Tensor) -> Tensor:
     return (_shift_right(bits, 8).to(torch.float32) + 1.0) * 2.0**-24
 
 
-def _counters(first, count: int, device: torch.device) -> Tensor:
-    return torch.arange(count, dtype=torch.int32, device=device) + first
+def _counters(first, units: int, device: torch.device) -> Tensor:
+    """(units, LANES) counters of the units from ``first`` on."""
+    counters = torch.arange(units * LANES, dtype=torch.int32, device=device) + first * LANES
+    return counters.view(units, LANES)
 
 
-def _normal_pairs(keys, first, count: int, device: torch.device) -> Tensor:
-    """(count, 2) N(0, 1) values: Box–Muller on two independent hashes of each counter."""
-    counter = _counters(first, count, device)
+def _normals(keys, first, units: int, device: torch.device) -> Tensor:
+    """(units, 2 · LANES) N(0, 1) values: Box–Muller on two independent hashes of each
+    counter, a unit's cosines then its sines (so that a CPU stores whole vectors)."""
+    counter = _counters(first, units, device)
     radius = torch.sqrt(-2.0 * torch.log(_open_unit_interval(_hash(counter, keys[0], keys[1]))))
     angle = (2 * math.pi) * _open_unit_interval(_hash(counter, keys[2], keys[3]))
-    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
 
 
-def _signs(keys, first, count: int, device: torch.device) -> Tensor:
-    """(count, 1) values ±1 from the top bit of each counter's hash."""
-    top_bit = _shift_right(_hash(_counters(first, count, device), keys[0], keys[1]), 31)
-    return (1.0 - 2.0 * top_bit.to(torch.float32)).unsqueeze(1)
+def _signs(keys, first, units: int, device: torch.device) -> Tensor:
+    """(units, LANES) values ±1 from the top bit of each counter's hash."""
+    top_bit = _shift_right(_hash(_counters(first, units, device), keys[0], keys[1]), 31)
+    return 1.0 - 2.0 * top_bit.to(torch.float32)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -117,14 +121,14 @@ def _compilable(device: torch.device) -> bool:
             and torch._C._len_torch_function_stack() == 0)
 
 
-def _run(kernel: Kernel, keys: list[int], first: int, count: int, device: torch.device) -> Tensor:
-    """``kernel`` on ``count`` counters from ``first``: compiled where it can be, else in
-    eager passes of ``EAGER_CHUNK`` counters."""
+def _run(kernel: Kernel, keys: list[int], first: int, units: int, device: torch.device) -> Tensor:
+    """``kernel`` on ``units`` units from ``first``: compiled where it can be, else in eager
+    passes of ``EAGER_CHUNK`` units."""
     global _compile_failed
     if _compilable(device):
         try:
             as_tensor = lambda value: torch.tensor(value, dtype=torch.int32)
-            return _compiled(kernel)(as_tensor(keys), as_tensor(first), count, device)
+            return _compiled(kernel)(as_tensor(keys), as_tensor(first), units, device)
         except Exception as error:  # no C++ compiler, an unsupported platform, ...
             _compile_failed = True
             warnings.warn(
@@ -135,8 +139,8 @@ def _run(kernel: Kernel, keys: list[int], first: int, count: int, device: torch.
                 "warning.",
                 RuntimeWarning, stacklevel=3,
             )
-    parts = [kernel(keys, first + offset, min(EAGER_CHUNK, count - offset), device)
-             for offset in range(0, count, EAGER_CHUNK)]
+    parts = [kernel(keys, first + offset, min(EAGER_CHUNK, units - offset), device)
+             for offset in range(0, units, EAGER_CHUNK)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -148,11 +152,11 @@ def _keys(seed: int, block: int) -> list[int]:
 
 def _draw(kernel: Kernel, width: int, seed: int, start: int, count: int,
           device: Optional[torch.device]) -> Tensor:
-    """Values ``start .. start + count - 1`` of the stream, ``width`` values per counter."""
+    """Values ``start .. start + count - 1`` of the stream, ``width`` values per unit."""
     device = torch.device(device if device is not None else "cpu")
     if count == 0:
         return torch.empty(0, device=device)
-    first, end = start // width, (start + count - 1) // width + 1  # counters covering the range
+    first, end = start // width, (start + count - 1) // width + 1  # units covering the range
     parts = []
     for block in range(first // BLOCK, (end - 1) // BLOCK + 1):
         lo, hi = max(first, block * BLOCK), min(end, (block + 1) * BLOCK)
@@ -164,9 +168,9 @@ def _draw(kernel: Kernel, width: int, seed: int, start: int, count: int,
 
 def normal(seed: int, start: int, count: int, device: Optional[torch.device] = None) -> Tensor:
     """float32 N(0, 1) values number ``start`` to ``start + count - 1`` of stream ``seed``."""
-    return _draw(_normal_pairs, 2, seed, start, count, device)
+    return _draw(_normals, 2 * LANES, seed, start, count, device)
 
 
 def signs(seed: int, start: int, count: int, device: Optional[torch.device] = None) -> Tensor:
     """float32 ±1 values (each with probability 1/2) number ``start`` to ``start + count - 1``."""
-    return _draw(_signs, 1, seed, start, count, device)
+    return _draw(_signs, LANES, seed, start, count, device)
