@@ -110,7 +110,10 @@ _compile_failed = False
 
 @lru_cache(maxsize=None)
 def _compiled(kernel: Kernel) -> Kernel:
-    return torch.compile(kernel, dynamic=True)  # runs eagerly under TORCH_COMPILE_DISABLE=1
+    # Compiled in this process: a kernel this small gains nothing from inductor's pool of
+    # compile workers, which would otherwise stay alive in every training process. Under
+    # TORCH_COMPILE_DISABLE=1 it runs eagerly.
+    return torch.compile(kernel, dynamic=True, options={"compile_threads": 1})
 
 
 def _compilable(device: torch.device) -> bool:
