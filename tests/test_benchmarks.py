@@ -81,3 +81,13 @@ def test_ratios_are_medians_of_per_round_ratios():
     assert step.median_ratio(method, backprop) == pytest.approx(1.5)
     rows = step.build_rows("case", {"backprop": backprop, "step/gaussian/K=1": method}, {})
     assert rows[1].vs_backprop == pytest.approx(1.5) and rows[1].median_ms == pytest.approx(6000.0)
+
+
+def test_tangent_draw_benchmark_times_every_draw(tmp_path):
+    out = tmp_path / "draw.json"
+    stdout = run("benchmarks/tangent_draw.py", "--count", "1000", "--repeats", "2", "--warmup", "1",
+                 "--json", str(out))
+    medians = json.loads(out.read_text())["median_seconds"]
+    assert set(medians) == {"torch normal_", "counter_rng.normal", "counter_rng.signs"}
+    assert all(seconds > 0 for seconds in medians.values())
+    assert "| counter_rng.normal |" in stdout
