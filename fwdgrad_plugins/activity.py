@@ -54,7 +54,7 @@ from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, Par
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
 from fwdgrad_plugins.hookspecs import hookimpl
-from fwdgrad_plugins.tangents import RankOne, TangentSampler, combine, derive_seed
+from fwdgrad_plugins.tangents import RankOne, TangentSampler, derive_seed
 
 
 class NoPerturbableLayerError(ForwardGradientError, ValueError):
@@ -129,7 +129,7 @@ class _PerturbActivities(_PerturbParameters):
     parameters used elsewhere (``weight_tangent(param)``)."""
 
     def __init__(self, layer_weights, activity_tangent, weight_tangent, trained, freeze_running_stats):
-        super().__init__({}, {}, manual_linear=True, materialize=None,
+        super().__init__({}, {}, dual_tensors=True, materialize=None,
                          freeze_running_stats=freeze_running_stats)
         self.layer_weights = layer_weights
         self.activity_tangent = activity_tangent  # (call index, output primal) -> tangent

@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch.utils.data import TensorDataset
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

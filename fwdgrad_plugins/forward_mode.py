@@ -60,16 +60,17 @@ class _PerturbParameters(TorchFunctionMode):
     ``perturbed`` maps ``id(param)`` to a ready perturbed tensor. ``tangents`` maps
     ``id(param)`` to its tangent, a tensor or ``(u, w)`` for ``u wᵀ``, which the linear rule
     applies directly and ``materialize(param, tangent)`` turns into a perturbed tensor, once,
-    for any other use. With ``manual_linear`` (forward_ad dual tensors) the linear rule unpacks
-    duals itself; under ``torch.func.jvp`` it uses ``eps``-style inputs (``u`` is then a dual
-    with primal 0 and tangent u) and plain torch ops.
+    for any other use. With ``dual_tensors`` (one direction, ``forward_ad`` duals) the linear,
+    addmm and embedding rules unpack duals and build tangents themselves; otherwise (under
+    ``torch.func.jvp``) they use ``eps``-style inputs (``u`` is then a dual with primal 0 and
+    tangent u) and plain torch ops.
     """
 
-    def __init__(self, perturbed, tangents, manual_linear, materialize, freeze_running_stats=False):
+    def __init__(self, perturbed, tangents, dual_tensors, materialize, freeze_running_stats=False):
         super().__init__()
         self.perturbed = perturbed
         self.tangents = tangents
-        self.manual_linear = manual_linear
+        self.dual_tensors = dual_tensors
         self.materialize = materialize
         self.freeze_running_stats = freeze_running_stats
         self.used: set[int] = set()
@@ -128,7 +129,7 @@ class _PerturbParameters(TorchFunctionMode):
         if isinstance(tangent, tuple) and max_norm is None:  # max_norm renormalises rows in place
             self.used.add(key)
             out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
-            if self.manual_linear:
+            if self.dual_tensors:
                 return fwAD.make_dual(out, _embedding_rows(input, *tangent, padding_row))
             return out + _RankOneEmbeddingTerm.apply(input, *tangent, padding_row)
         if padding_row is not None:
@@ -140,7 +141,7 @@ class _PerturbParameters(TorchFunctionMode):
     def _linear(self, input, weight, bias=None):
         factors = self.tangents.get(id(weight))
         factors = factors if isinstance(factors, tuple) else None
-        if self.manual_linear and weight.dim() == 2:
+        if self.dual_tensors and weight.dim() == 2:
             x, x_t = fwAD.unpack_dual(input)
             w_p, w_t = self._primal_and_tangent(weight)
             b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
@@ -153,7 +154,7 @@ class _PerturbParameters(TorchFunctionMode):
         else:
             weight = self._swap(weight)
         bias = self._swap(bias) if bias is not None else None
-        if not self.manual_linear:
+        if not self.dual_tensors:
             if not has_dense_tangent:  # rank-one or no tangent: the weight is a constant here
                 out = _LinearOfConstantWeight.apply(input, bias, _Constant(weight))
             else:
@@ -180,7 +181,7 @@ class _PerturbParameters(TorchFunctionMode):
         u, w = self.tangents[id(mat2)]
         self.used.add(id(mat2))
         out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
-        if not self.manual_linear:  # u: dual (primal 0, tangent u); w: plain
+        if not self.dual_tensors:  # u: dual (primal 0, tangent u); w: plain
             return out + alpha * _RankOneTerm.apply(mat1, u, w, True)
         x = fwAD.unpack_dual(mat1).primal
         primal, tangent = fwAD.unpack_dual(out)
@@ -417,7 +418,7 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
         mode = _PerturbParameters(
             {},
             {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)},
-            manual_linear=True,
+            dual_tensors=True,
             materialize=lambda p, t: fwAD.make_dual(p, torch.outer(*t) if isinstance(t, tuple) else t),
             freeze_running_stats=freeze_running_stats,
         )
@@ -460,7 +461,7 @@ def _vmapped_directions(closure, params, tangents):
             mode = _PerturbParameters(
                 {id(params[i]): v for i, v in zip(dense, values)},
                 {id(params[i]): (u, w) for i, u, w in zip(rank_one, values[len(dense):], w_factors)},
-                manual_linear=False,
+                dual_tensors=False,
                 materialize=lambda p, uw: p + _RankOneMatrix.apply(*uw),
             )
             with mode:

@@ -122,13 +122,13 @@ def test_rank_one_embedding_tangents_are_never_materialised(name, num_directions
     """u wᵀ on an embedding (a vocabulary-sized matrix) is applied as the rows u[i] w."""
     original_init = forward_mode._PerturbParameters.__init__
 
-    def init(self, perturbed, tangents, manual_linear, materialize, *args, **kwargs):
+    def init(self, perturbed, tangents, dual_tensors, materialize, *args, **kwargs):
         def refuse_rank_one(param, tangent):
             if isinstance(tangent, tuple):  # (u, w); dense tangents (LayerNorm's) pass
                 raise AssertionError(f"materialised u wᵀ for a {tuple(param.shape)} parameter")
             return materialize(param, tangent)
 
-        original_init(self, perturbed, tangents, manual_linear, refuse_rank_one, *args, **kwargs)
+        original_init(self, perturbed, tangents, dual_tensors, refuse_rank_one, *args, **kwargs)
 
     monkeypatch.setattr(forward_mode._PerturbParameters, "__init__", init)
     if name == "padded_embedding":
