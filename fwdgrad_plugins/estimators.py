@@ -61,7 +61,7 @@ class WeightPerturbation:
         result = directional_derivatives(closure, params, tangents)
         derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
         check_finite(result.loss, derivatives)
-        coefficients = derivatives / num_directions
+        coefficients = derivatives / num_directions if num_directions > 1 else derivatives
         grads = [combine(t, coefficients) if used else None for t, used in zip(tangents, result.used)]
         for grad, rows in zip(grads, result.frozen_rows):
             if rows:
@@ -139,7 +139,7 @@ class ForwardGradientEstimator:
             if grad is None:
                 continue
             if p.grad is None:
-                p.grad = grad.to(p.dtype)
+                p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
             else:
                 p.grad.add_(grad)
         return estimate

@@ -199,13 +199,12 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
 
     ``dtype`` is the primal output's: under autocast the operands are cast to it, as autocast
     casts them for F.linear (in-place ops are not autocast)."""
-    x, weight = x.to(dtype), weight.to(dtype)
-    x_t, weight_t, bias_t = (None if t is None else t.to(dtype) for t in (x_t, weight_t, bias_t))
-    factors = None if factors is None else tuple(f.to(dtype) for f in factors)
-    inputs = x.reshape(-1, x.shape[-1])  # (N, in)
+    x, weight, x_t, weight_t, bias_t = (_cast(t, dtype) for t in (x, weight, x_t, weight_t, bias_t))
+    factors = None if factors is None else tuple(_cast(f, dtype) for f in factors)
+    inputs = _rows(x)  # (N, in)
     tangent = None  # (N, out)
     if x_t is not None:
-        tangent = torch.mm(x_t.reshape(-1, x.shape[-1]), weight.t())
+        tangent = torch.mm(_rows(x_t), weight.t())
     if weight_t is not None:
         tangent = torch.mm(inputs, weight_t.t()) if tangent is None else tangent.addmm_(inputs, weight_t.t())
     if factors is not None:
@@ -214,7 +213,20 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
         tangent = torch.outer(coefficients, u) if tangent is None else tangent.addr_(coefficients, u)
     if bias_t is not None:
         tangent = bias_t.expand(inputs.shape[0], -1).clone() if tangent is None else tangent.add_(bias_t)
-    return None if tangent is None else tangent.view(*x.shape[:-1], weight.shape[0])
+    if tangent is None or x.dim() == 2:
+        return tangent
+    return tangent.view(*x.shape[:-1], weight.shape[0])
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t.to(dtype)``, without a dispatcher call when it is a no-op (most calls, and a
+    training step makes dozens)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as a matrix of rows (N, features)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 class _Constant:

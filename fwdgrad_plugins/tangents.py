@@ -53,14 +53,16 @@ Tangent = Union[Tensor, RankOne]  # a dense tangent is a (K, *param.shape) tenso
 
 def combine(tangent: Tangent, coefficients: Tensor) -> Tensor:
     """Σ_k c_k v_k, shaped like the parameter. May reuse a dense tangent's memory."""
+    dtype = tangent.u.dtype if isinstance(tangent, RankOne) else tangent.dtype
+    if coefficients.dtype != dtype:
+        coefficients = coefficients.to(dtype)
     if isinstance(tangent, RankOne):
-        coefficients = coefficients.to(tangent.u.dtype)
         if tangent.num_directions == 1:
             return torch.outer(tangent.u[0] * coefficients[0], tangent.w[0])
         return (tangent.u * coefficients.unsqueeze(1)).T @ tangent.w
     if tangent.shape[0] == 1:
-        return tangent[0].mul_(coefficients[0].to(tangent.dtype))
-    return torch.tensordot(coefficients.to(tangent.dtype), tangent, dims=1)
+        return tangent[0].mul_(coefficients[0])
+    return torch.tensordot(coefficients, tangent, dims=1)
 
 
 class TangentSampler(Protocol):
@@ -83,7 +85,8 @@ def draw_like(shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor], seed: i
         total = sum(size for _, size, _ in run)
         values = draw(seed, start, total, device)
         for (shape, _, tensor), part in zip(run, values.split([size for _, size, _ in run])):
-            out.append(part.view(shape).to(tensor.dtype))
+            part = part.view(shape)
+            out.append(part if part.dtype == tensor.dtype else part.to(tensor.dtype))
         start += total
     return out
 
