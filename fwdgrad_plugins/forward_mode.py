@@ -112,6 +112,9 @@ class _PerturbParameters(TorchFunctionMode):
                 return args[0]  # a step counter such as BatchNorm's num_batches_tracked
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
+        if func is F.scaled_dot_product_attention:
+            with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no forward-mode rule
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
     def _embedding(self, input, weight, padding_idx=None, max_norm=None, *rest, **kwargs):
@@ -405,7 +408,7 @@ def directional_derivatives(
     """
     if not params:
         raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
-    with torch.no_grad(), _forward_ad_errors(), sdpa_kernel([SDPBackend.MATH]):
+    with torch.no_grad(), _forward_ad_errors():
         if _num_directions(tangents) == 1:
             result = _single_direction(closure, params, [_direction(t, 0) for t in tangents])
         else:
