@@ -93,11 +93,29 @@ def _counters(first, units: int, device: torch.device) -> Tensor:
 
 def _normals(keys, first, units: int, device: torch.device) -> Tensor:
     """(units, 2 · LANES) N(0, 1) values: Box–Muller on two independent hashes of each
-    counter, a unit's cosines then its sines (so that a CPU stores whole vectors)."""
+    counter, a unit's cosines then its sines (so that a CPU stores whole vectors).
+
+    The angle is uniform in a quarter turn, reflected into a uniformly chosen quadrant by two
+    sign bits, so it is uniform over the whole turn, and short polynomials replace a general
+    sin and cos (10 % of the draw's time)."""
     counter = _counters(first, units, device)
-    radius = torch.sqrt(-2.0 * torch.log(_open_unit_interval(_hash(counter, keys[0], keys[1]))))
-    angle = (2 * math.pi) * _open_unit_interval(_hash(counter, keys[2], keys[3]))
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    # sqrt(-2 ln u) / √2: the √2 that _quarter_turn_cos_sin leaves in its results
+    radius = torch.sqrt(-torch.log(_open_unit_interval(_hash(counter, keys[0], keys[1]))))
+    angle_bits = _hash(counter, keys[2], keys[3])
+    cos, sin = _quarter_turn_cos_sin(angle_bits)
+    x = torch.where((angle_bits & 1) == 0, radius, -radius) * cos
+    y = torch.where((angle_bits & 2) == 0, radius, -radius) * sin
+    return torch.cat([x, y], dim=1)
+
+
+def _quarter_turn_cos_sin(bits: Tensor) -> tuple[Tensor, Tensor]:
+    """√2 cos θ and √2 sin θ for θ uniform in (0, π/2), taken from the top 22 bits: from Taylor
+    series of cos and sin of φ = θ − π/4 ∈ (−π/4, π/4), whose error is below 4e-7."""
+    phi = (_shift_right(bits, 10).to(torch.float32) + 0.5) * (math.pi / 2 * 2.0**-22) - math.pi / 4
+    phi2 = phi * phi
+    sin_phi = phi * (1.0 + phi2 * (-1 / 6 + phi2 * (1 / 120 + phi2 * (-1 / 5040))))
+    cos_phi = 1.0 + phi2 * (-1 / 2 + phi2 * (1 / 24 + phi2 * (-1 / 720 + phi2 * (1 / 40320))))
+    return cos_phi - sin_phi, cos_phi + sin_phi
 
 
 def _signs(keys, first, units: int, device: torch.device) -> Tensor:
