@@ -196,26 +196,34 @@ class _PerturbParameters(TorchFunctionMode):
 
 
 def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optional[Tensor]:
-    """The tangent of ``F.linear``: x_t Wᵀ + x W_tᵀ + (x·w) uᵀ + b_t, summed in place in one
-    (N, out) buffer (N: the input's leading dimensions) with addmm_/addr_, so a layer holds
-    one tangent-sized temporary, not one per term. None when no term has a tangent.
+    """The tangent of ``F.linear``: b_t + x_t Wᵀ + x W_tᵀ + (x·w) uᵀ, summed in one (N, out)
+    buffer (N: the input's leading dimensions): the first product starts from b_t
+    (addmm/addr), the others add to it in place (addmm_/addr_), so a layer holds one
+    tangent-sized temporary and makes no pass of its own for the bias. None when no term has
+    a tangent.
 
     ``dtype`` is the primal output's: under autocast the operands are cast to it, as autocast
     casts them for F.linear (in-place ops are not autocast)."""
     x, weight, x_t, weight_t, bias_t = (_cast(t, dtype) for t in (x, weight, x_t, weight_t, bias_t))
-    factors = None if factors is None else tuple(_cast(f, dtype) for f in factors)
     inputs = _rows(x)  # (N, in)
-    tangent = None  # (N, out)
+    products = []  # (a, b, outer): the matrix product a bᵀ, or the outer product a ⊗ b
     if x_t is not None:
-        tangent = torch.mm(_rows(x_t), weight.t())
+        products.append((_rows(x_t), weight, False))
     if weight_t is not None:
-        tangent = torch.mm(inputs, weight_t.t()) if tangent is None else tangent.addmm_(inputs, weight_t.t())
+        products.append((inputs, weight_t, False))
     if factors is not None:
-        u, w = factors
-        coefficients = torch.mv(inputs, w)  # (N,): x·w
-        tangent = torch.outer(coefficients, u) if tangent is None else tangent.addr_(coefficients, u)
-    if bias_t is not None:
-        tangent = bias_t.expand(inputs.shape[0], -1).clone() if tangent is None else tangent.add_(bias_t)
+        u, w = (_cast(f, dtype) for f in factors)
+        products.append((torch.mv(inputs, w), u, True))  # (x·w) uᵀ
+    tangent = None if bias_t is None else bias_t.expand(inputs.shape[0], -1)
+    for i, (a, b, outer) in enumerate(products):
+        if i > 0:  # our own buffer: add in place
+            tangent = tangent.addr_(a, b) if outer else tangent.addmm_(a, b.t())
+        elif tangent is None:
+            tangent = torch.outer(a, b) if outer else torch.mm(a, b.t())
+        else:  # the bias tangent, broadcast: a new buffer
+            tangent = torch.addr(tangent, a, b) if outer else torch.addmm(tangent, a, b.t())
+    if tangent is not None and not products:
+        tangent = tangent.clone()  # a bias tangent alone
     if tangent is None or x.dim() == 2:
         return tangent
     return tangent.view(*x.shape[:-1], weight.shape[0])
