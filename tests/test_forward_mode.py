@@ -161,6 +161,31 @@ def test_frozen_parameters_are_not_perturbed():
     assert all(p is not model[0].weight and p is not model[0].bias for p in params)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("input_shape", [(1, 5), (4, 5), (2, 3, 5)])
+@pytest.mark.parametrize("trained", ["weight", "bias", "both"])
+def test_linear_rule_sums_every_combination_of_tangent_terms(trained, input_shape, num_directions, sampler):
+    """The linear rule's tangent b_t + x_t Wᵀ + x W_tᵀ with any term absent (the first layer's
+    input has no tangent; frozen weights or biases give none), for one row, many rows and
+    leading dimensions; the tangents it reads, which become the gradient, stay unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(trained != "bias")
+        layer.bias.requires_grad_(trained != "weight")
+    x = torch.randn(*input_shape)
+    closure = lambda: model(x).pow(2).mean()
+    params = trainable_parameters(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, num_directions, seed=2)
+    before = [dense(t).clone() for t in tangents]
+    result = directional_derivatives(closure, params, tangents)
+    _, expected = autograd_reference(model, closure, params, tangents, seed=0)
+    torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
+    for old, new in zip(before, tangents):
+        torch.testing.assert_close(dense(new), old, rtol=0, atol=0)
+
+
 def test_bfloat16_parameters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
