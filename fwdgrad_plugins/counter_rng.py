@@ -11,9 +11,9 @@ the same call always gives the same bits.
 The bits come from a keyed 32-bit integer hash (two rounds of Chris Wellons' ``lowbias32``,
 keyed by 128 bits of the seed), normals from the Box–Muller transform. Everything is
 elementwise torch ops, which inductor (``torch.compile``'s compiler) fuses into one
-vectorised, multi-threaded kernel on the CPU: there 1.86 M normals take about 0.9 ms on two
-cores, where torch's mt19937 ``normal_`` takes 4.6 ms (``benchmarks/tangent_draw.py``). Other devices, draws
-inside ``torch.func`` transforms or ``TorchFunctionMode``s, and machines where
+vectorised, multi-threaded kernel on the CPU: there 1.86 M normals take about 0.85 ms on two
+cores, where torch's mt19937 ``normal_`` takes 4.7 ms (``benchmarks/tangent_draw.py``). Other
+devices, draws inside ``torch.func`` transforms or ``TorchFunctionMode``s, and machines where
 ``torch.compile`` cannot build a kernel (no C++ compiler, or ``TORCH_COMPILE_DISABLE=1``) run
 the same ops eagerly.
 

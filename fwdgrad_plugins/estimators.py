@@ -25,7 +25,7 @@ from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
 from fwdgrad_plugins.forward_mode import directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
-from fwdgrad_plugins.tangents import TangentSampler, combine, derive_seed
+from fwdgrad_plugins.tangents import TangentSampler, cast, combine, derive_seed
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -141,7 +141,7 @@ class ForwardGradientEstimator:
             if grad is None:
                 continue
             if p.grad is None:
-                p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+                p.grad = cast(grad, p.dtype)
             else:
                 p.grad.add_(grad)
         return estimate

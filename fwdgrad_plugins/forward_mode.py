@@ -40,7 +40,7 @@ from fwdgrad_plugins.errors import (
     ParametersNotUsedError,
     UnsupportedOperationError,
 )
-from fwdgrad_plugins.tangents import RankOne, Tangent
+from fwdgrad_plugins.tangents import RankOne, Tangent, cast
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 _MISSING_RULE_HINTS = ("forward AD", "forward-mode", "forward mode", "jvp")
@@ -204,7 +204,7 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
 
     ``dtype`` is the primal output's: under autocast the operands are cast to it, as autocast
     casts them for F.linear (in-place ops are not autocast)."""
-    x, weight, x_t, weight_t, bias_t = (_cast(t, dtype) for t in (x, weight, x_t, weight_t, bias_t))
+    x, weight, x_t, weight_t, bias_t = (cast(t, dtype) for t in (x, weight, x_t, weight_t, bias_t))
     inputs = _rows(x)  # (N, in)
     products = []  # (a, b, outer): the matrix product a bᵀ, or the outer product a ⊗ b
     if x_t is not None:
@@ -212,7 +212,7 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
     if weight_t is not None:
         products.append((inputs, weight_t, False))
     if factors is not None:
-        u, w = (_cast(f, dtype) for f in factors)
+        u, w = (cast(f, dtype) for f in factors)
         products.append((torch.mv(inputs, w), u, True))  # (x·w) uᵀ
     tangent = None if bias_t is None else bias_t.expand(inputs.shape[0], -1)
     for i, (a, b, outer) in enumerate(products):
@@ -227,12 +227,6 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
     if tangent is None or x.dim() == 2:
         return tangent
     return tangent.view(*x.shape[:-1], weight.shape[0])
-
-
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """``t.to(dtype)``, without a dispatcher call when it is a no-op (most calls, and a
-    training step makes dozens)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _rows(x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from fwdgrad_plugins import counter_rng
 from fwdgrad_plugins.counter_rng import derive_seed
 from fwdgrad_plugins.hookspecs import hookimpl
 
-__all__ = ["RankOne", "Tangent", "TangentSampler", "combine", "derive_seed", "draw_like",
+__all__ = ["RankOne", "Tangent", "TangentSampler", "cast", "combine", "derive_seed", "draw_like",
            "GaussianSampler", "RademacherSampler", "RankOneGaussianSampler"]
 
 
@@ -51,11 +51,15 @@ class RankOne:
 Tangent = Union[Tensor, RankOne]  # a dense tangent is a (K, *param.shape) tensor
 
 
+def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t.to(dtype)``, without a dispatcher call when it is a no-op: most casts in a training
+    step are, and a step makes dozens."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def combine(tangent: Tangent, coefficients: Tensor) -> Tensor:
     """Σ_k c_k v_k, shaped like the parameter. May reuse a dense tangent's memory."""
-    dtype = tangent.u.dtype if isinstance(tangent, RankOne) else tangent.dtype
-    if coefficients.dtype != dtype:
-        coefficients = coefficients.to(dtype)
+    coefficients = cast(coefficients, tangent.u.dtype if isinstance(tangent, RankOne) else tangent.dtype)
     if isinstance(tangent, RankOne):
         if tangent.num_directions == 1:
             return torch.outer(tangent.u[0] * coefficients[0], tangent.w[0])
@@ -85,8 +89,7 @@ def draw_like(shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor], seed: i
         total = sum(size for _, size, _ in run)
         values = draw(seed, start, total, device)
         for (shape, _, tensor), part in zip(run, values.split([size for _, size, _ in run])):
-            part = part.view(shape)
-            out.append(part if part.dtype == tensor.dtype else part.to(tensor.dtype))
+            out.append(cast(part.view(shape), tensor.dtype))
         start += total
     return out
 
