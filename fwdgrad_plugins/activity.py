@@ -385,10 +385,17 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
     return loss, derivatives, grads, [id(p) in used for p in params]
 
 
-def reduce_estimate(reduce: Optional[Reduce], derivatives: Tensor, grads: list[Optional[Tensor]]):
-    """Apply ``reduce`` once to the derivatives and all gradients, concatenated."""
-    if reduce is None:
-        return derivatives, grads
+def reduced_estimate(reduce: Optional[Reduce], loss: Tensor, derivatives: Tensor,
+                     grads: list[Optional[Tensor]]) -> Estimate:
+    """The estimate after ``reduce``, applied once to the derivatives and all gradients
+    concatenated; raises NonFiniteDirectionalDerivativeError unless every derivative is finite."""
+    if reduce is not None:
+        derivatives, grads = _reduce_together(reduce, derivatives, grads)
+    check_finite(loss, derivatives)
+    return Estimate(loss, derivatives, grads)
+
+
+def _reduce_together(reduce: Reduce, derivatives: Tensor, grads: list[Optional[Tensor]]):
     present = [g for g in grads if g is not None]
     flat = reduce(torch.cat([derivatives.to(present[0].dtype)] + [g.reshape(-1) for g in present]))
     derivatives, offset, reduced = flat[: len(derivatives)].float(), len(derivatives), []
@@ -419,10 +426,7 @@ class ActivityPerturbation:
         loss, derivatives, grads, used = activity_perturbation(
             closure, params, sampler=sampler, num_directions=num_directions, seed=seed,
             orthogonal=self.orthogonal)
-        grads = [g if u else None for g, u in zip(grads, used)]
-        derivatives, grads = reduce_estimate(reduce, derivatives, grads)
-        check_finite(loss, derivatives)
-        return Estimate(loss, derivatives, grads)
+        return reduced_estimate(reduce, loss, derivatives, [g if u else None for g, u in zip(grads, used)])
 
 
 @hookimpl

@@ -50,10 +50,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from fwdgrad_plugins.activity import (
-    _PerturbActivities, activity_perturbation, reduce_estimate,
+    _PerturbActivities, activity_perturbation, reduced_estimate,
 )
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError
-from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
+from fwdgrad_plugins.estimators import Estimate, Reduce
 from fwdgrad_plugins.forward_mode import _forward_ad_errors
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents import TangentSampler, derive_seed
@@ -332,9 +332,7 @@ class LocalActivityPerturbation:
             raise NotLocalLossModelError("no block of the LocalLossNetwork has a trained parameter: "
                                          "pass the model's parameters.")
         loss = fwAD.unpack_dual(returned).primal.detach().reshape(())
-        derivatives, grads = reduce_estimate(reduce, total, grads)
-        check_finite(loss, derivatives)
-        return Estimate(loss, derivatives, grads)
+        return reduced_estimate(reduce, loss, total, grads)
 
 
 @hookimpl
