@@ -97,7 +97,7 @@ def _normals(keys, first, units: int, device: torch.device) -> Tensor:
 
     The angle is uniform in a quarter turn, reflected into a uniformly chosen quadrant by two
     sign bits, so it is uniform over the whole turn, and short polynomials replace a general
-    sin and cos (10 % of the draw's time)."""
+    sin and cos, which must reduce any argument."""
     counter = _counters(first, units, device)
     # sqrt(-2 ln u) / √2: the √2 that _quarter_turn_cos_sin leaves in its results
     radius = torch.sqrt(-torch.log(_open_unit_interval(_hash(counter, keys[0], keys[1]))))
@@ -136,8 +136,8 @@ def _compiled(kernel: Kernel) -> Callable[[Tensor, int], Tensor]:
 
     The kernel is traced with a symbolic unit count and compiled by
     ``torch._inductor.standalone_compile``, so a call runs the kernel without ``torch.compile``'s
-    frame evaluation and guards: 0.1-0.2 ms less per draw inside a training step, where the
-    step's data has pushed that Python path out of the caches. Compiled in this process
+    frame evaluation and guards: a path that runs cold inside a training step, whose data has
+    pushed it out of the caches. Compiled in this process
     (``compile_threads=1``): a kernel this small gains nothing from a pool of compile workers,
     which would stay alive in every training process."""
 
