@@ -14,7 +14,7 @@ resident memory above the resting footprint (model, batch and optimizer built, o
 gradients released) on CPU, and ``torch.cuda.max_memory_allocated`` above the resting
 allocation on CUDA.
 
-    python benchmarks/step.py --cases paper-mlp-64 --directions 1 --json step.json
+    python benchmarks/step.py --cases paper-mlp-64 --directions 1 --json step.json --plot step.png
     python benchmarks/step.py --cases deep-mlp-32 --samplers gaussian --memory-only
 """
 
@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import fwdgrad_plugins
 from fwdgrad_plugins import ForwardGradient
@@ -146,7 +147,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def step_times(work: Workload, methods: list[Method], device: torch.device,
-               repeats: int, warmup: int) -> dict[str, list[float]]:
+               repeats: int, warmup: int, label: str = "rounds") -> dict[str, list[float]]:
     """Seconds per call of each method, one per round; every round runs each method once, in
     a rotating order."""
     runners = [make_runner(m, work) for m in methods]
@@ -155,7 +156,7 @@ def step_times(work: Workload, methods: list[Method], device: torch.device,
             run()
     _synchronize(device)
     times: list[list[float]] = [[] for _ in methods]
-    for repeat in range(repeats):
+    for repeat in tqdm(range(repeats), desc=label, unit="round", leave=False, file=sys.stderr):
         shift = repeat % len(methods)
         for index in list(range(shift, len(methods))) + list(range(shift)):
             start = time.perf_counter()
@@ -285,6 +286,36 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[Row], path: str) -> None:
+    """One panel per case: each method's step time as a multiple of backprop's, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in rows if r.vs_backprop is not None))
+    if not cases:
+        return
+    heights = [sum(r.case == case and r.vs_backprop is not None for r in rows) for case in cases]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(7, 0.8 + 0.28 * sum(heights) + 0.6 * len(cases)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, case in zip(axes[:, 0], cases):
+        shown = [r for r in rows if r.case == case and r.vs_backprop is not None][::-1]
+        colours = ["grey" if r.method == "backprop" else "C0" if r.method.startswith("step") else "C1"
+                   for r in shown]
+        ax.barh([r.method for r in shown], [r.vs_backprop for r in shown], color=colours)
+        for y, r in enumerate(shown):
+            ax.text(r.vs_backprop, y, f" {r.vs_backprop:.2f}", va="center", fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(case, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("step time × backprop's (median of per-round ratios)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def machine(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -323,6 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine to PATH")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the time ratios to PATH")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.memory_steps < 1:
@@ -351,7 +383,7 @@ def main(argv=None) -> list[Row]:
     for case in cases:
         times = {}
         if not args.memory_only:
-            times = step_times(CASES[case](device), methods, device, args.repeats, args.warmup)
+            times = step_times(CASES[case](device), methods, device, args.repeats, args.warmup, case)
         memory = {}
         if not args.no_memory:
             for m in methods:
@@ -364,6 +396,9 @@ def main(argv=None) -> list[Row]:
             with open(args.json, "w") as out:
                 json.dump({"machine": machine(device), "command": sys.argv, "rows": [asdict(r) for r in rows]},
                           out, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
     return rows
 
 

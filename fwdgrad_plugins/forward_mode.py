@@ -151,22 +151,19 @@ class _PerturbParameters(TorchFunctionMode):
             out = F.linear(x, w_p, b_p)
             tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
             return out if tangent is None else fwAD.make_dual(out, tangent)
-        has_dense_tangent = id(weight) in self.perturbed
         if factors is not None:
             self.used.add(id(weight))
         else:
             weight = self._swap(weight)
         bias = self._swap(bias) if bias is not None else None
-        if not self.dual_tensors:
-            if not has_dense_tangent:  # rank-one or no tangent: the weight is a constant here
-                out = _LinearOfConstantWeight.apply(input, bias, _Constant(weight))
-            else:
-                out = F.linear(input, weight, bias)
-            if factors is not None:
-                u, w = factors  # u: dual (primal 0, tangent u); w: plain
-                out = out + _RankOneTerm.apply(input, u, w)
-            return out
-        return F.linear(input, weight, bias)  # a 1-D weight (never rank-one): forward AD's own rule
+        if self.dual_tensors:
+            return F.linear(input, weight, bias)  # a 1-D weight (never rank-one): forward AD's own rule
+        input_has, bias_has = (t is not None and fwAD.unpack_dual(t).tangent is not None for t in (input, bias))
+        if (factors is None and fwAD.unpack_dual(weight).tangent is not None) or not (
+                input_has or bias_has or factors):
+            return F.linear(input, weight, bias)  # a dense weight tangent (torch's rule), or no tangent
+        u, w = factors or (None, None)  # u: dual (primal 0, tangent u); w: plain
+        return _LinearOfConstantWeight.apply(input, bias, _Constant(weight), u, w, input_has, bias_has)
 
     def _primal_and_tangent(self, value):
         """A linear layer's weight or bias as (primal, dense tangent or None). A parameter's
@@ -242,24 +239,41 @@ class _Constant:
 
 
 class _LinearOfConstantWeight(torch.autograd.Function):
-    """``F.linear(x, W, b)`` for a weight W without a tangent, under ``torch.func.jvp``: the
-    tangent is x_t Wᵀ + b_t. torch's own rule would also multiply x by a zero tangent of W,
-    which it materialises under vmap: one wasted primal-sized matmul per layer."""
+    """``F.linear(x, W, b)`` under ``torch.func.jvp`` for a weight without a dense tangent:
+    the tangent sums only the terms present among x_t Wᵀ, (x·w) uᵀ for a rank-one weight
+    tangent u wᵀ (``u`` a dual of primal 0, ``w`` plain) and b_t. ``input_has`` and
+    ``bias_has`` say whether x and b have tangents. torch's rule multiplies absent tangents as
+    zeros, which vmap materialises: a wasted primal-sized matmul per layer (x times W's zero
+    tangent), and one more in the first layer, whose input has no tangent."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, bias, weight):
+    def forward(input, bias, weight, u, w, input_has, bias_has):
         return F.linear(input, weight.value, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.weight = inputs[2].value
+        input, _, weight, _, w, ctx.input_has, ctx.bias_has = inputs
+        ctx.weight, ctx.dtype = weight.value, output.dtype
+        ctx.save_for_forward(input, w)
 
     @staticmethod
-    def jvp(ctx, input_tangent, bias_tangent, _):
-        tangent = F.linear(input_tangent, ctx.weight)
-        return tangent if bias_tangent is None else tangent + bias_tangent.to(tangent.dtype)
+    def jvp(ctx, input_tangent, bias_tangent, _, u_tangent, *__):
+        input, w = ctx.saved_tensors
+        bias = bias_tangent if ctx.bias_has else None  # added by the first term
+        terms = []
+        if ctx.input_has:
+            terms.append(F.linear(input_tangent, ctx.weight, bias))
+            bias = None
+        if w is not None:
+            terms.append((input @ w).unsqueeze(-1) * u_tangent)
+        if bias is not None:
+            terms.append(bias.expand(*input.shape[:-1], -1).clone())
+        tangent = cast(terms[0], ctx.dtype)
+        for term in terms[1:]:
+            tangent = tangent + cast(term, ctx.dtype)
+        return tangent
 
 
 class _RankOneTerm(torch.autograd.Function):
@@ -424,6 +438,19 @@ def directional_derivatives(
     return result
 
 
+def _own_storage(tangent: Tensor) -> Tensor:
+    """``tangent`` on a storage of its own that shares its memory. Forward AD copies a tangent
+    into a fresh buffer when it makes a dual unless the tangent is all of its storage, and a
+    sampler's tangents are views into one buffer (one draw for all parameters); a storage
+    slice of exactly the tangent's bytes passes that check without a copy."""
+    storage = tangent.untyped_storage()
+    if not tangent.is_contiguous() or (tangent.storage_offset() == 0 and storage.nbytes() == tangent.nbytes):
+        return tangent
+    start = tangent.storage_offset() * tangent.element_size()
+    own = torch.empty(0, dtype=tangent.dtype, device=tangent.device)
+    return own.set_(storage[start : start + tangent.nbytes], 0, tangent.shape)
+
+
 def _direction(tangent: Tangent, k: int):
     if isinstance(tangent, RankOne):
         return RankOne(tangent.u[k], tangent.w[k])
@@ -436,7 +463,7 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
             {},
             {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)},
             dual_tensors=True,
-            materialize=lambda p, t: fwAD.make_dual(p, torch.outer(*t) if isinstance(t, tuple) else t),
+            materialize=lambda p, t: fwAD.make_dual(p, torch.outer(*t) if isinstance(t, tuple) else _own_storage(t)),
             freeze_running_stats=freeze_running_stats,
         )
         with mode:
@@ -488,7 +515,8 @@ def _vmapped_directions(closure, params, tangents):
 
         return torch.func.jvp(loss_of, primals, direction_tangents)
 
-    direction_tangents = tuple(tangents[i] for i in dense) + tuple(tangents[i].u for i in rank_one)
+    direction_tangents = tuple(_own_storage(t) for t in
+                               [tangents[i] for i in dense] + [tangents[i].u for i in rank_one])
     w_factors = tuple(tangents[i].w for i in rank_one)
     losses, derivatives = torch.func.vmap(one_direction, randomness="same")(direction_tangents, w_factors)
     return _result(losses[0], derivatives.float(), params, modes)

@@ -20,8 +20,9 @@ def test_step_benchmark_times_and_measures_memory(tmp_path):
     out = tmp_path / "step.json"
     stdout = run("benchmarks/step.py", "--cases", "paper-mlp-64", "--samplers", "rank1-gaussian",
                  "--directions", "1,2", "--methods", "step", "--repeats", "3", "--warmup", "1",
-                 "--memory-steps", "1", "--threads", "1", "--json", str(out))
+                 "--memory-steps", "1", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "step.png"))
     report = json.loads(out.read_text())
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"backprop", "step/rank1-gaussian/K=1", "step/rank1-gaussian/K=2"}
     assert "| paper-mlp-64 | step/rank1-gaussian/K=1 |" in stdout
@@ -45,37 +46,60 @@ def test_step_benchmark_times_and_measures_memory(tmp_path):
     assert rows["step/rank1-gaussian/K=2"]["peak_mb"] is None  # memory: K=1 unless asked
 
 
-def load_step_benchmark():
-    spec = importlib.util.spec_from_file_location("step_benchmark", REPO / "benchmarks" / "step.py")
-    step = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = step  # dataclasses look their module up there
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(step)
+        spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
-    return step
+    return module
 
 
 def test_unknown_case_names_the_known_ones():
-    step = load_step_benchmark()
+    step = load_benchmark("step")
     with pytest.raises(SystemExit, match="unknown case nope; known: paper-mlp-64"):
         step.main(["--cases", "nope"])
 
 
 def test_time_to_loss_reaches_an_easy_target(tmp_path, mnist_root):
-    out = tmp_path / "ttl.json"
-    run("benchmarks/time_to_loss.py", "--data-dir", str(mnist_root), "--methods", "backprop,rank1-gaussian",
-        "--limit", "512", "--target-loss", "2.2", "--window", "5", "--budget-s", "5", "--threads", "1",
-        "--json", str(out))
-    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
-    assert results["backprop"]["reached"] and results["backprop"]["final_loss"] <= 2.2
-    assert results["backprop"]["seconds_vs_backprop"] == pytest.approx(1.0)
-    assert results["rank1-gaussian"]["steps"] > 0
+    out, picture = tmp_path / "ttl.json", tmp_path / "ttl.png"
+    stdout = run("benchmarks/time_to_loss.py", "--data-dir", str(mnist_root), "--methods",
+                 "backprop,rank1-gaussian", "--limit", "512", "--target-loss", "2.2", "--window", "5",
+                 "--budget-s", "5", "--threads", "1", "--seeds", "0,1", "--decay", "1e-4",
+                 "--json", str(out), "--plot", str(picture))
+    report = json.loads(out.read_text())
+    assert report["decay"] == 1e-4
+    results = {(r["method"], r["seed"]): r for r in report["results"]}
+    assert set(results) == {(m, s) for m in ("backprop", "rank1-gaussian") for s in (0, 1)}
+    for seed in (0, 1):
+        backprop = results["backprop", seed]
+        assert backprop["reached"] and backprop["final_loss"] <= 2.2
+        assert backprop["seconds_vs_backprop"] == pytest.approx(1.0)
+        assert results["rank1-gaussian", seed]["steps"] > 0
+        # the curve ends where the run ended, its losses are the windowed means
+        seconds, steps, loss = backprop["curve"][-1]
+        assert steps == backprop["steps"] and loss == pytest.approx(backprop["final_loss"])
+    assert "| backprop | 0.1 | 2 |" in stdout
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_to_loss_learning_rates_for_one_or_every_method():
+    time_to_loss = load_benchmark("time_to_loss")
+    methods = ["backprop", "gaussian"]
+    assert time_to_loss.learning_rates(methods, []) == {"backprop": 0.1, "gaussian": 2e-4}
+    assert time_to_loss.learning_rates(methods, ["2e-4"]) == {"backprop": 2e-4, "gaussian": 2e-4}
+    assert time_to_loss.learning_rates(methods, ["2e-4", "backprop=0.3"]) == {"backprop": 0.3, "gaussian": 2e-4}
+    with pytest.raises(SystemExit, match="rademacher is not among the methods run"):
+        time_to_loss.learning_rates(methods, ["rademacher=1e-3"])
+    with pytest.raises(SystemExit, match="give a number"):
+        time_to_loss.learning_rates(methods, ["fast"])
 
 
 def test_ratios_are_medians_of_per_round_ratios():
     """A machine that slows down between rounds moves both methods of a round alike."""
-    step = load_step_benchmark()
+    step = load_benchmark("step")
     backprop = [1.0, 2.0, 4.0, 8.0, 16.0]
     method = [1.5, 3.0, 6.0, 12.0, 100.0]  # 1.5× in every round but a disturbed last one
     assert step.median_ratio(method, backprop) == pytest.approx(1.5)

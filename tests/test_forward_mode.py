@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._C import _functorch as functorch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fwdgrad_plugins
 from fwdgrad_plugins import directional_derivatives, forward_mode
@@ -184,6 +185,69 @@ def test_linear_rule_sums_every_combination_of_tangent_terms(trained, input_shap
     torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
     for old, new in zip(before, tangents):
         torch.testing.assert_close(dense(new), old, rtol=0, atol=0)
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops run below torch.func's transforms, with their plain tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, [a for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler, trained", [("rank1-gaussian", "both"), ("gaussian", "bias")])
+def test_vmapped_linear_multiplies_no_absent_tangent(sampler, trained):
+    """Under vmap, a weight without a dense tangent (rank-one or frozen) and the first layer's
+    input, which has none, get no matrix product with a zero tangent: torch's own rule would
+    materialise those zeros and multiply them, a primal-sized matmul each."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(trained != "bias")
+    x = torch.randn(6, 5)
+    params = trainable_parameters(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 3, seed=2)
+    with RecordOps() as recorded:
+        result = directional_derivatives(lambda: model(x).pow(2).mean(), params, tangents)
+    products = [(func, args) for func, args in recorded.calls
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)]
+    assert products, "no matrix product recorded"
+    for func, args in products:
+        assert all(a.any() for a in args if a.dim() >= 2), f"{func} multiplied a zero matrix"
+    _, expected = autograd_reference(model, lambda: model(x).pow(2).mean(), params, tangents, seed=0)
+    torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vmapped_pass_does_not_copy_the_tangents():
+    """The sampler's tangents are views into one buffer; forward AD copies such a tangent when
+    it makes a dual unless it sits on a storage of its own."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = list(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", "gaussian")().sample(params, 3, seed=2)
+    assert tangents[1].storage_offset() > 0  # views into one draw
+    x = torch.randn(6, 5)
+    with RecordOps() as recorded:
+        directional_derivatives(lambda: model(x).pow(2).mean(), params, tangents)
+    sizes = {t.shape for t in tangents}
+    copies = [args[0].shape for func, args in recorded.calls
+              if func is torch.ops.aten.copy_.default and args[0].shape in sizes]
+    assert not copies, f"tangents copied: {copies}"
+
+
+def test_own_storage_shares_the_tangent_memory():
+    buffer = torch.arange(12.0)
+    view = buffer[4:10].view(2, 3)
+    own = forward_mode._own_storage(view)
+    assert own.storage_offset() == 0 and own.untyped_storage().nbytes() == view.nbytes
+    assert torch.equal(own, view)
+    buffer[5] = -1.0  # the same memory, not a copy
+    assert own[0, 1] == -1.0
+    whole = torch.ones(2, 3)
+    assert forward_mode._own_storage(whole) is whole
 
 
 def test_bfloat16_parameters():
