@@ -163,7 +163,7 @@ class _PerturbParameters(TorchFunctionMode):
                 input_has or bias_has or factors):
             return F.linear(input, weight, bias)  # a dense weight tangent (torch's rule), or no tangent
         u, w = factors or (None, None)  # u: dual (primal 0, tangent u); w: plain
-        return _LinearOfConstantWeight.apply(input, bias, _Constant(weight), u, w, input_has, bias_has)
+        return _LinearOfConstantWeight.apply(input, bias, _Constant(weight), u, w, input_has, bias_has, False)
 
     def _primal_and_tangent(self, value):
         """A linear layer's weight or bias as (primal, dense tangent or None). A parameter's
@@ -180,9 +180,13 @@ class _PerturbParameters(TorchFunctionMode):
         in O(N·(in + out)) instead of materialising u wᵀ."""
         u, w = self.tangents[id(mat2)]
         self.used.add(id(mat2))
-        out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
         if not self.dual_tensors:  # u: dual (primal 0, tangent u); w: plain
-            return out + alpha * _RankOneTerm.apply(mat1, u, w, True)
+            bias = self._swap(input)
+            if alpha != 1 or beta != 1 or bias.dim() != 1:  # rare: the generic rule
+                return torch.addmm(bias, mat1, self._swap(mat2), beta=beta, alpha=alpha)
+            input_has, bias_has = (fwAD.unpack_dual(t).tangent is not None for t in (mat1, bias))
+            return _LinearOfConstantWeight.apply(mat1, bias, _Constant(mat2), u, w, input_has, bias_has, True)
+        out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
         x = fwAD.unpack_dual(mat1).primal
         primal, tangent = fwAD.unpack_dual(out)
         coefficients = torch.mv(x, u.to(x.dtype))  # (N,): x·u
@@ -240,22 +244,29 @@ class _Constant:
 
 class _LinearOfConstantWeight(torch.autograd.Function):
     """``F.linear(x, W, b)`` under ``torch.func.jvp`` for a weight without a dense tangent:
-    the tangent sums only the terms present among x_t Wᵀ, (x·w) uᵀ for a rank-one weight
-    tangent u wᵀ (``u`` a dual of primal 0, ``w`` plain) and b_t. ``input_has`` and
-    ``bias_has`` say whether x and b have tangents. torch's rule multiplies absent tangents as
-    zeros, which vmap materialises: a wasted primal-sized matmul per layer (x times W's zero
-    tangent), and one more in the first layer, whose input has no tangent."""
+    the tangent sums only the terms present among x_t Wᵀ, the rank-one weight tangent's term
+    and b_t. ``input_has`` and ``bias_has`` say whether x and b have tangents. The weight
+    tangent u wᵀ (``u`` a dual of primal 0, ``w`` plain) is one of W's: its term is (x·w) uᵀ.
+    With ``transposed`` the op is ``x @ W + b`` (addmm, as in HuggingFace's Conv1D): W is
+    (in, out) and the term is (x·u) wᵀ.
+
+    torch's rule multiplies absent tangents as zeros, which vmap materialises: a wasted
+    primal-sized matmul per layer (x times W's zero tangent), and one more in the first
+    layer, whose input has no tangent. The primal comes from x, W and b alone: written with
+    the factors' ops, it would take the batch dimension of the directions' ``w`` under vmap,
+    and every later layer would compute its primal once per direction."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, bias, weight, u, w, input_has, bias_has):
-        return F.linear(input, weight.value, bias)
+    def forward(input, bias, weight, u, w, input_has, bias_has, transposed):
+        return F.linear(input, weight.value.t() if transposed else weight.value, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, _, weight, _, w, ctx.input_has, ctx.bias_has = inputs
-        ctx.weight, ctx.dtype = weight.value, output.dtype
+        input, _, weight, _, w, ctx.input_has, ctx.bias_has, ctx.transposed = inputs
+        ctx.weight = weight.value.t() if ctx.transposed else weight.value  # as F.linear takes it
+        ctx.dtype = output.dtype
         ctx.save_for_forward(input, w)
 
     @staticmethod
@@ -267,7 +278,8 @@ class _LinearOfConstantWeight(torch.autograd.Function):
             terms.append(F.linear(input_tangent, ctx.weight, bias))
             bias = None
         if w is not None:
-            terms.append((input @ w).unsqueeze(-1) * u_tangent)
+            terms.append((input @ u_tangent).unsqueeze(-1) * w if ctx.transposed
+                         else (input @ w).unsqueeze(-1) * u_tangent)
         if bias is not None:
             terms.append(bias.expand(*input.shape[:-1], -1).clone())
         tangent = cast(terms[0], ctx.dtype)
@@ -276,37 +288,10 @@ class _LinearOfConstantWeight(torch.autograd.Function):
         return tangent
 
 
-class _RankOneTerm(torch.autograd.Function):
-    """Zero, with tangent (x·w) uᵀ: what a rank-one weight tangent u wᵀ adds to a linear
-    layer's output tangent, under ``torch.func.jvp``; with ``transposed`` (a weight used as
-    ``x @ W``, as addmm does), (x·u) wᵀ. Written as ``(x @ w) * u`` with ``u`` a dual of
-    primal 0, the zero primal would depend on the direction's ``w``, so vmap would batch the
-    primal, and every later layer would compute the primal once per direction."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, u, w, transposed=False):
-        return input.new_zeros((*input.shape[:-1], (w if transposed else u).shape[-1]))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, _, w, *transposed = inputs
-        ctx.transposed = bool(transposed and transposed[0])
-        ctx.save_for_forward(input, w)
-
-    @staticmethod
-    def jvp(ctx, input_tangent, u_tangent, w_tangent, *_):
-        input, w = ctx.saved_tensors
-        if ctx.transposed:
-            return (input @ u_tangent).unsqueeze(-1) * w
-        return (input @ w).unsqueeze(-1) * u_tangent
-
-
 class _RankOneMatrix(torch.autograd.Function):
     """Zero, with tangent u wᵀ, under ``torch.func.jvp``: a rank-one weight tangent for an op
     without a rule of its own. ``u[:, None] * w`` would give the zero primal the batch
-    dimension of the directions' ``w`` (see ``_RankOneTerm``)."""
+    dimension of the directions' ``w``, and every later op would run once per direction."""
 
     generate_vmap_rule = True
 
@@ -334,7 +319,8 @@ def _embedding_rows(indices, u, w, padding_row):
 
 class _RankOneEmbeddingTerm(torch.autograd.Function):
     """Zero, with tangent u[indices] wᵀ: a rank-one weight tangent's share of an embedding's
-    output tangent under ``torch.func.jvp`` (a zero primal, as in ``_RankOneTerm``)."""
+    output tangent under ``torch.func.jvp``, with a zero primal built from the unbatched
+    indices (see ``_RankOneMatrix``)."""
 
     generate_vmap_rule = True
 

@@ -199,15 +199,53 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("sampler, trained", [("rank1-gaussian", "both"), ("gaussian", "bias")])
-def test_vmapped_linear_multiplies_no_absent_tangent(sampler, trained):
+class AddmmLayers(nn.Module):
+    """Two layers written as ``torch.addmm(b, x, W)`` with W of shape (in, out), as
+    HuggingFace's Conv1D does; ``alpha`` and ``beta`` other than 1 take torch's own rule."""
+
+    def __init__(self, alpha=1.0, beta=1.0):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(4))
+        self.w2, self.b2 = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x, self.w1, beta=self.beta, alpha=self.alpha).tanh()
+        return torch.addmm(self.b2, h, self.w2, beta=self.beta, alpha=self.alpha)
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (2.0, 0.5)])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_addmm_weights_equal_autograd(sampler, alpha, beta, num_directions):
+    torch.manual_seed(0)
+    model, x = AddmmLayers(alpha, beta), torch.randn(6, 5)
+    closure = lambda: model(x).pow(2).mean()
+    params = list(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, num_directions, seed=2)
+    result = directional_derivatives(closure, params, tangents)
+    _, expected = autograd_reference(model, closure, params, tangents, seed=0)
+    torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
+
+
+def linear_layers(trained):
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(trained != "bias")
+    return model
+
+
+@pytest.mark.parametrize("sampler, build", [
+    ("rank1-gaussian", lambda: linear_layers("both")),
+    ("gaussian", lambda: linear_layers("bias")),
+    ("rank1-gaussian", AddmmLayers),
+])
+def test_vmapped_linear_multiplies_no_absent_tangent(sampler, build):
     """Under vmap, a weight without a dense tangent (rank-one or frozen) and the first layer's
     input, which has none, get no matrix product with a zero tangent: torch's own rule would
     materialise those zeros and multiply them, a primal-sized matmul each."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    for layer in (model[0], model[2]):
-        layer.weight.requires_grad_(trained != "bias")
+    model = build()
     x = torch.randn(6, 5)
     params = trainable_parameters(model.parameters())
     tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 3, seed=2)
