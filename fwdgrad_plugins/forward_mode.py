@@ -176,8 +176,10 @@ class _PerturbParameters(TorchFunctionMode):
 
     def _addmm_rank_one(self, input, mat1, mat2, *, beta=1, alpha=1):
         """``torch.addmm(b, x, W)`` with a rank-one tangent u wᵀ on W, as in HuggingFace's
-        Conv1D (GPT-2): adds alpha (x·u) wᵀ to the tangent that torch's rule gives for b and x,
-        in O(N·(in + out)) instead of materialising u wᵀ."""
+        Conv1D (GPT-2): adds alpha (x·u) wᵀ to the tangent of b and x, in O(N·(in + out))
+        instead of materialising u wᵀ. Under ``torch.func.jvp`` this is the linear layer's
+        Function on Wᵀ; an addmm with alpha or beta other than 1 (rare) takes torch's rule on
+        the materialised weight instead."""
         u, w = self.tangents[id(mat2)]
         self.used.add(id(mat2))
         if not self.dual_tensors:  # u: dual (primal 0, tangent u); w: plain
