@@ -288,14 +288,16 @@ def test_own_storage_shares_the_tangent_memory():
     assert forward_mode._own_storage(whole) is whole
 
 
-def test_bfloat16_parameters():
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_bfloat16_parameters(sampler, num_directions):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
     x = torch.randn(5, 6, dtype=torch.bfloat16)
     closure = lambda: model(x).float().pow(2).mean()
     params = list(model.parameters())
-    tangents = fwdgrad_plugins.get("tangent_samplers", "gaussian")().sample(params, 2, seed=0)
-    assert tangents[0].dtype == torch.bfloat16
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, num_directions, seed=0)
+    assert dense(tangents[0]).dtype == torch.bfloat16
     result = directional_derivatives(closure, params, tangents)
     _, expected = autograd_reference(model, closure, params, tangents, seed=0)
     torch.testing.assert_close(result.derivatives, expected.float(), rtol=3e-2, atol=3e-2)
