@@ -158,9 +158,8 @@ class _PerturbParameters(TorchFunctionMode):
         bias = self._swap(bias) if bias is not None else None
         if self.dual_tensors:
             return F.linear(input, weight, bias)  # a 1-D weight (never rank-one): forward AD's own rule
-        input_has, bias_has = (t is not None and fwAD.unpack_dual(t).tangent is not None for t in (input, bias))
-        if (factors is None and fwAD.unpack_dual(weight).tangent is not None) or not (
-                input_has or bias_has or factors):
+        input_has, bias_has = _has_tangent(input), _has_tangent(bias)
+        if (factors is None and _has_tangent(weight)) or not (input_has or bias_has or factors):
             return F.linear(input, weight, bias)  # a dense weight tangent (torch's rule), or no tangent
         u, w = factors or (None, None)  # u: dual (primal 0, tangent u); w: plain
         return _LinearOfConstantWeight.apply(input, bias, _Constant(weight), u, w, input_has, bias_has, False)
@@ -186,7 +185,7 @@ class _PerturbParameters(TorchFunctionMode):
             bias = self._swap(input)
             if alpha != 1 or beta != 1 or bias.dim() != 1:  # rare: the generic rule
                 return torch.addmm(bias, mat1, self._swap(mat2), beta=beta, alpha=alpha)
-            input_has, bias_has = (fwAD.unpack_dual(t).tangent is not None for t in (mat1, bias))
+            input_has, bias_has = _has_tangent(mat1), _has_tangent(bias)
             return _LinearOfConstantWeight.apply(mat1, bias, _Constant(mat2), u, w, input_has, bias_has, True)
         out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
         x = fwAD.unpack_dual(mat1).primal
@@ -196,6 +195,12 @@ class _PerturbParameters(TorchFunctionMode):
         if tangent is None:
             return fwAD.make_dual(primal, torch.outer(coefficients.to(primal.dtype), w).mul_(alpha))
         return fwAD.make_dual(primal, torch.addr(tangent, coefficients.to(tangent.dtype), w, alpha=alpha))
+
+
+def _has_tangent(value: Optional[Tensor]) -> bool:
+    """Whether ``value`` carries a tangent at the current level (a forward-AD dual, also
+    under ``torch.func.jvp``)."""
+    return value is not None and fwAD.unpack_dual(value).tangent is not None
 
 
 def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optional[Tensor]:
