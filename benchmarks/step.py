@@ -133,6 +133,7 @@ def make_runner(method: Method, work: Workload) -> Callable[[], None]:
             optimizer.zero_grad()
             optimizer.step(work.loss_fn)
 
+        forward_gradient_step.workspace = optimizer.estimator.estimator.workspace  # see peak_memory_here
         return forward_gradient_step
     if method.kind == "core":
         sampler = fwdgrad_plugins.get("tangent_samplers", method.sampler)()
@@ -191,13 +192,16 @@ def _release_grads(model: torch.nn.Module) -> None:
 def peak_memory_here(case: str, method: Method, device: torch.device, steps: int) -> dict:
     """Peak memory of ``steps`` steps above the resting footprint, in this process.
 
-    One step runs first, so one-time costs (lazy imports, thread pools, kernels' workspaces)
-    count as resting; the gradients are then released, since every step makes them anew.
+    One step runs first, so one-time costs (lazy imports, thread pools, compiled kernels)
+    count as resting; the gradients are then released, since every step makes them anew, and
+    so is the tangent workspace that K > 1 steps keep between steps: it counts as the step's.
     """
     work = CASES[case](device)
     run = make_runner(method, work)
     run()
     _release_grads(work.model)
+    if hasattr(run, "workspace"):
+        run.workspace.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

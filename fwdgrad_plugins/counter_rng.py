@@ -42,6 +42,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 LANES = 64  # counters per unit: a kernel computes whole units, stored as contiguous runs
 BLOCK = 1 << 24  # units per key: counters stay within int32
 EAGER_CHUNK = 1 << 16  # units per eager pass, to bound the temporaries
+OUT_PIECE = 1 << 20  # values per piece when drawing into a given buffer: 4 MB stay in the cache
 _MASK64 = (1 << 64) - 1
 
 # (keys, first unit, units, device) -> (units, width). keys and first are int32 tensor
@@ -190,8 +191,17 @@ def _keys(seed: int, block: int) -> list[int]:
 
 
 def _draw(kernel: Kernel, width: int, seed: int, start: int, count: int,
-          device: Optional[torch.device]) -> Tensor:
-    """Values ``start .. start + count - 1`` of the stream, ``width`` values per unit."""
+          device: Optional[torch.device], out: Optional[Tensor] = None) -> Tensor:
+    """Values ``start .. start + count - 1`` of the stream, ``width`` values per unit; into
+    ``out`` in pieces of ``OUT_PIECE`` values, each drawn, then copied while in the cache."""
+    if out is not None:
+        if out.dtype != torch.float32 or out.shape != (count,) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape ({count},), got "
+                             f"{out.dtype} {tuple(out.shape)}: pass a slice of a flat float32 buffer.")
+        for offset in range(0, count, OUT_PIECE):
+            piece = out[offset : offset + OUT_PIECE]
+            piece.copy_(_draw(kernel, width, seed, start + offset, piece.numel(), out.device))
+        return out
     device = torch.device(device if device is not None else "cpu")
     if count == 0:
         return torch.empty(0, device=device)
@@ -205,11 +215,17 @@ def _draw(kernel: Kernel, width: int, seed: int, start: int, count: int,
     return values[skip : skip + count]
 
 
-def normal(seed: int, start: int, count: int, device: Optional[torch.device] = None) -> Tensor:
-    """float32 N(0, 1) values number ``start`` to ``start + count - 1`` of stream ``seed``."""
-    return _draw(_normals, 2 * LANES, seed, start, count, device)
+def normal(seed: int, start: int, count: int, device: Optional[torch.device] = None, *,
+           out: Optional[Tensor] = None) -> Tensor:
+    """float32 N(0, 1) values number ``start`` to ``start + count - 1`` of stream ``seed``;
+    written into ``out`` (a contiguous float32 tensor of ``count`` values, on its device) if
+    given, with no buffer of ``count`` values allocated (the values of a fresh draw, to the
+    float rounding noted above)."""
+    return _draw(_normals, 2 * LANES, seed, start, count, device, out)
 
 
-def signs(seed: int, start: int, count: int, device: Optional[torch.device] = None) -> Tensor:
-    """float32 ±1 values (each with probability 1/2) number ``start`` to ``start + count - 1``."""
-    return _draw(_signs, LANES, seed, start, count, device)
+def signs(seed: int, start: int, count: int, device: Optional[torch.device] = None, *,
+          out: Optional[Tensor] = None) -> Tensor:
+    """float32 ±1 values (each with probability 1/2) number ``start`` to ``start + count - 1``;
+    ``out`` as for :func:`normal`."""
+    return _draw(_signs, LANES, seed, start, count, device, out)

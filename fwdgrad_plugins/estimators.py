@@ -25,7 +25,7 @@ from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
 from fwdgrad_plugins.forward_mode import directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
-from fwdgrad_plugins.tangents import TangentSampler, cast, combine, derive_seed
+from fwdgrad_plugins.tangents import TangentSampler, Workspace, accepts_workspace, cast, combine, derive_seed
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -53,13 +53,23 @@ class WeightPerturbation:
 
     ``reduce`` maps the K local derivatives to global ones (the mean over processes in
     data-parallel training): each process then forms the same update from shared tangents.
+
+    K > 1 tangents are drawn into ``self.workspace``, kept from one call to the next (see
+    :class:`~fwdgrad_plugins.tangents.Workspace`; ``workspace.clear()`` frees it). One
+    tangent is not: it becomes the gradient itself, which outlives the call.
     """
 
     reduces_gradients = False  # ``reduce`` sees the K derivatives only
 
+    def __init__(self):
+        self.workspace = Workspace()
+
     def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
                  seed: int, reduce: Optional[Reduce] = None) -> Estimate:
-        tangents = sampler.sample(params, num_directions, seed)
+        if num_directions > 1 and accepts_workspace(sampler):
+            tangents = sampler.sample(params, num_directions, seed, workspace=self.workspace)
+        else:
+            tangents = sampler.sample(params, num_directions, seed)
         result = directional_derivatives(closure, params, tangents)
         derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
         check_finite(result.loss, derivatives)

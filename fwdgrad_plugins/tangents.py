@@ -14,6 +14,8 @@ ones, and a step's tangents are one fused kernel on the CPU.
 
 from __future__ import annotations
 
+import collections
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -26,8 +28,8 @@ from fwdgrad_plugins import counter_rng
 from fwdgrad_plugins.counter_rng import derive_seed
 from fwdgrad_plugins.hookspecs import hookimpl
 
-__all__ = ["RankOne", "Tangent", "TangentSampler", "cast", "combine", "derive_seed", "draw_like",
-           "GaussianSampler", "RademacherSampler", "RankOneGaussianSampler"]
+__all__ = ["RankOne", "Tangent", "TangentSampler", "Workspace", "accepts_workspace", "cast", "combine",
+           "derive_seed", "draw_like", "GaussianSampler", "RademacherSampler", "RankOneGaussianSampler"]
 
 
 @dataclass
@@ -70,24 +72,83 @@ def combine(tangent: Tangent, coefficients: Tensor) -> Tensor:
 
 
 class TangentSampler(Protocol):
-    """Draws ``num_directions`` tangents for each parameter from ``seed``."""
+    """Draws ``num_directions`` tangents for each parameter from ``seed``.
+
+    A sampler may also accept ``workspace``, a :class:`Workspace` to draw into: the caller
+    then uses the tangents only until its next call with that workspace."""
 
     def sample(self, params: Sequence[Tensor], num_directions: int, seed: int) -> list[Tangent]: ...
+
+
+def accepts_workspace(sampler: TangentSampler) -> bool:
+    """Whether ``sampler.sample`` takes a ``workspace`` argument."""
+    return "workspace" in inspect.signature(sampler.sample).parameters
+
+
+class Workspace:
+    """float32 memory to draw tangents into, kept from one draw to the next (a buffer per
+    device, grown when a draw needs more). Tangents drawn into it are valid until the next
+    draw into it.
+
+    K directions are K × the parameters' size. Allocated afresh for every step, a buffer that
+    large costs a CPU more than drawing its values: glibc maps each block above 32 MiB anew
+    from the system, and the first write to every 4 KiB page faults. (CUDA's caching
+    allocator keeps such blocks itself.)
+
+    >>> import torch
+    >>> workspace = Workspace()
+    >>> w = torch.zeros(3, 4)
+    >>> first = GaussianSampler().sample([w], num_directions=2, seed=0, workspace=workspace)[0]
+    >>> second = GaussianSampler().sample([w], num_directions=2, seed=1, workspace=workspace)[0]
+    >>> first.data_ptr() == second.data_ptr()   # the same memory: ``first`` now holds seed 1's values
+    True
+    """
+
+    def __init__(self):
+        self._buffers: dict[torch.device, Tensor] = {}
+
+    def take(self, counts: dict[torch.device, int]) -> dict[torch.device, Tensor]:
+        """A flat float32 tensor of ``counts[device]`` values on each device."""
+        for device, count in counts.items():
+            if device not in self._buffers or self._buffers[device].numel() < count:
+                self._buffers.pop(device, None)  # free the old buffer before allocating
+                self._buffers[device] = torch.empty(count, device=device)
+        return {device: self._buffers[device][:count] for device, count in counts.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self._buffers.values())
+
+    def clear(self) -> None:
+        """Free the memory (a later draw allocates it again)."""
+        self._buffers.clear()
 
 
 Draw = Callable[..., Tensor]  # counter_rng.normal or counter_rng.signs
 
 
-def draw_like(shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor], seed: int, draw: Draw) -> list[Tensor]:
+def draw_like(shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor], seed: int, draw: Draw,
+              workspace: Optional[Workspace] = None) -> list[Tensor]:
     """One tensor per shape, on ``like``'s device and of its dtype, with consecutive values of
-    the stream ``seed``: one draw (one fused kernel) for each run of tensors on one device."""
+    the stream ``seed``: one draw (one fused kernel) for each run of tensors on one device;
+    into ``workspace`` if given."""
     sizes = [math.prod(shape) for shape in shapes]
+    buffers: dict[torch.device, Tensor] = {}
+    if workspace is not None:
+        counts: dict[torch.device, int] = collections.Counter()
+        for size, tensor in zip(sizes, like):
+            counts[tensor.device] += size
+        buffers = workspace.take(counts)
     out: list[Tensor] = []
     start = 0
     for device, run in itertools.groupby(zip(shapes, sizes, like), key=lambda item: item[2].device):
         run = list(run)
         total = sum(size for _, size, _ in run)
-        values = draw(seed, start, total, device)
+        if device in buffers:
+            into, buffers[device] = buffers[device][:total], buffers[device][total:]
+            values = draw(seed, start, total, device, out=into)
+        else:
+            values = draw(seed, start, total, device)
         for (shape, _, tensor), part in zip(run, values.split([size for _, size, _ in run])):
             out.append(cast(part.view(shape), tensor.dtype))
         start += total
@@ -97,28 +158,28 @@ def draw_like(shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor], seed: i
 class GaussianSampler:
     """Dense N(0, 1) tangents: the paper's choice."""
 
-    def sample(self, params, num_directions, seed):
-        return draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.normal)
+    def sample(self, params, num_directions, seed, workspace=None):
+        return draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.normal, workspace)
 
 
 class RademacherSampler:
     """Dense ±1 tangents: the lowest-variance unbiased choice (E[v⁴] = 1)."""
 
-    def sample(self, params, num_directions, seed):
-        return draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.signs)
+    def sample(self, params, num_directions, seed, workspace=None):
+        return draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.signs, workspace)
 
 
 class RankOneGaussianSampler:
     """Rank-one Gaussian tangents ``u wᵀ`` for every 2-D parameter (linear weights), dense
     N(0, 1) for the rest. Fastest when the 2-D parameters are used by ``F.linear``."""
 
-    def sample(self, params, num_directions, seed):
+    def sample(self, params, num_directions, seed, workspace=None):
         shapes, like = [], []
         for p in params:
             factors = [(num_directions, n) for n in p.shape] if p.dim() == 2 else [(num_directions, *p.shape)]
             shapes += factors
             like += [p] * len(factors)
-        drawn = iter(draw_like(shapes, like, seed, counter_rng.normal))
+        drawn = iter(draw_like(shapes, like, seed, counter_rng.normal, workspace))
         return [RankOne(next(drawn), next(drawn)) if p.dim() == 2 else next(drawn) for p in params]
 
 

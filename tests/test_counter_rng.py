@@ -27,6 +27,25 @@ def test_any_slice_equals_the_same_slice_of_a_longer_draw(draw, monkeypatch):
 
 
 @pytest.mark.parametrize("draw", DRAWS)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_drawing_into_a_buffer_gives_the_values_of_a_fresh_draw(draw, compiled, monkeypatch):
+    monkeypatch.setattr(counter_rng, "OUT_PIECE", 1000)  # pieces that split units and keys
+    monkeypatch.setattr(counter_rng, "BLOCK", 7)
+    if not compiled:
+        monkeypatch.setattr(counter_rng, "_compilable", lambda device: False)
+    buffer = torch.full((5000,), float("nan"))
+    out = draw(9, 37, 4321, out=buffer[:4321])
+    assert out.data_ptr() == buffer.data_ptr() and buffer[4321:].isnan().all()
+    torch.testing.assert_close(out, draw(9, 37, 4321), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("out", [torch.empty(10, dtype=torch.float64), torch.empty(11), torch.empty(20)[::2]])
+def test_an_unusable_out_buffer_is_refused_with_the_fix(out):
+    with pytest.raises(ValueError, match="contiguous float32 tensor of shape"):
+        counter_rng.normal(0, 0, 10, out=out)
+
+
+@pytest.mark.parametrize("draw", DRAWS)
 def test_compiled_and_eager_kernels_agree(draw, monkeypatch):
     compiled = draw(5, 3, 100_001)
     monkeypatch.setattr(counter_rng, "_compilable", lambda device: False)

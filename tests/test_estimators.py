@@ -63,3 +63,23 @@ def test_variance_falls_as_one_over_k(sampler_name):
 
     ratio = total_variance(1) / total_variance(4)
     assert 3.0 < ratio < 5.3, f"variance ratio K=1 / K=4 is {ratio:.2f}, expected about 4"
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_an_estimate_outlives_the_next_one(sampler_name, num_directions):
+    """K > 1 tangents are drawn into memory kept between calls; one tangent becomes the
+    gradient itself, so it must not be: either way a call's gradients stay as they were."""
+    closure, params, _ = small_problem()
+    estimator = WeightPerturbation()
+    sampler = fwdgrad_plugins.get("tangent_samplers", sampler_name)()
+
+    def estimate(seed):
+        return estimator.estimate(closure, params, sampler=sampler, num_directions=num_directions, seed=seed)
+
+    first = estimate(1)
+    kept = [g.clone() for g in first.grads]
+    second = estimate(2)
+    assert all(torch.equal(g, k) for g, k in zip(first.grads, kept))
+    assert not all(torch.equal(g, h) for g, h in zip(first.grads, second.grads))
+    assert (estimator.workspace.nbytes > 0) == (num_directions > 1)

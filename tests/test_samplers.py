@@ -6,7 +6,7 @@ import torch
 
 import fwdgrad_plugins
 from fwdgrad_plugins.forward_mode import directional_derivatives
-from fwdgrad_plugins.tangents import RankOne
+from fwdgrad_plugins.tangents import RankOne, Workspace
 
 SAMPLERS = fwdgrad_plugins.registered("tangent_samplers")
 
@@ -75,3 +75,27 @@ def test_rank_one_tangents_through_addmm_equal_autograd(num_directions, frozen_f
     grads = torch.autograd.grad(closure(), params)
     expected = flat(tangents) @ torch.cat([g.flatten() for g in grads])
     torch.testing.assert_close(result.derivatives, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_workspace_gives_the_same_tangents_in_memory_kept_between_draws(sampler):
+    params = [torch.zeros(30, 20), torch.zeros(20), torch.zeros(4, 5, 3)]
+    draw = fwdgrad_plugins.get("tangent_samplers", sampler)().sample
+    workspace = Workspace()
+    first = draw(params, 3, seed=5, workspace=workspace)
+    assert torch.equal(flat(first), flat(draw(params, 3, seed=5)))
+    pointer = workspace.take({torch.device("cpu"): 1})[torch.device("cpu")].data_ptr()
+    second = flat(draw(params, 3, seed=6, workspace=workspace))
+    assert workspace.take({torch.device("cpu"): 1})[torch.device("cpu")].data_ptr() == pointer
+    assert torch.equal(second, flat(draw(params, 3, seed=6)))
+    assert torch.equal(flat(first), second)  # the first draw's memory now holds the second's values
+
+
+def test_a_workspace_grows_for_a_larger_draw_and_frees_its_memory_on_clear():
+    workspace = Workspace()
+    cpu = torch.device("cpu")
+    small = workspace.take({cpu: 10})[cpu]
+    large = workspace.take({cpu: 1000})[cpu]
+    assert small.numel() == 10 and large.numel() == 1000 and workspace.nbytes == 4000
+    workspace.clear()
+    assert workspace.nbytes == 0
