@@ -129,8 +129,7 @@ class _PerturbActivities(_PerturbParameters):
     parameters used elsewhere (``weight_tangent(param)``)."""
 
     def __init__(self, layer_weights, activity_tangent, weight_tangent, trained, freeze_running_stats):
-        super().__init__({}, {}, dual_tensors=True, materialize=None,
-                         freeze_running_stats=freeze_running_stats)
+        super().__init__({}, {}, dual_tensors=True, freeze_running_stats=freeze_running_stats)
         self.layer_weights = layer_weights
         self.activity_tangent = activity_tangent  # (call index, output primal) -> tangent
         self.weight_tangent = weight_tangent

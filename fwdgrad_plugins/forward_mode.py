@@ -57,21 +57,20 @@ class DirectionalDerivatives:
 class _PerturbParameters(TorchFunctionMode):
     """Replaces parameters by their perturbed versions in every torch call of the closure.
 
-    ``perturbed`` maps ``id(param)`` to a ready perturbed tensor. ``tangents`` maps
-    ``id(param)`` to its tangent, a tensor or ``(u, w)`` for ``u wᵀ``, which the linear rule
-    applies directly and ``materialize(param, tangent)`` turns into a perturbed tensor, once,
-    for any other use. With ``dual_tensors`` (one direction, ``forward_ad`` duals) the linear,
-    addmm and embedding rules unpack duals and build tangents themselves; otherwise (under
-    ``torch.func.jvp``) they use ``eps``-style inputs (``u`` is then a dual with primal 0 and
-    tangent u) and plain torch ops.
+    ``perturbed`` maps ``id(param)`` to a ready perturbed tensor (a dual). ``tangents`` maps
+    ``id(param)`` to its tangent, a tensor or ``(u, w)`` for ``u wᵀ``, which the linear, addmm
+    and embedding rules apply directly and which becomes a dual, once, for any other use. The
+    rules unpack their inputs' duals, compute the primal and the tangent, and make the
+    output's dual. ``dual_tensors`` is True for one direction (``forward_ad`` duals), False
+    under ``torch.func.vmap`` over ``torch.func.jvp`` (K directions), where ``u`` arrives as
+    the tangent of a dual with primal 0.
     """
 
-    def __init__(self, perturbed, tangents, dual_tensors, materialize, freeze_running_stats=False):
+    def __init__(self, perturbed, tangents, dual_tensors, freeze_running_stats=False):
         super().__init__()
         self.perturbed = perturbed
         self.tangents = tangents
         self.dual_tensors = dual_tensors
-        self.materialize = materialize
         self.freeze_running_stats = freeze_running_stats
         self.used: set[int] = set()
         self.padding_rows: dict[int, set[int]] = {}  # id(weight) -> rows no tangent may touch
@@ -85,11 +84,17 @@ class _PerturbParameters(TorchFunctionMode):
         if key in self.tangents:
             self.used.add(key)
             if key not in self._materialized:
-                self._materialized[key] = self.materialize(value, self.tangents[key])
+                self._materialized[key] = self._materialize(value, self.tangents[key])
             return self._materialized[key]
         if type(value) in (list, tuple):
             return type(value)(self._swap(item) for item in value)
         return value
+
+    def _materialize(self, param, tangent):
+        """``param`` as a dual, for an op without a rule of its own: a rank-one tangent
+        becomes u wᵀ."""
+        tangent = torch.outer(*self._factors(param)) if isinstance(tangent, tuple) else _own_storage(tangent)
+        return fwAD.make_dual(param, tangent)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -132,9 +137,7 @@ class _PerturbParameters(TorchFunctionMode):
         if isinstance(tangent, tuple) and max_norm is None:  # max_norm renormalises rows in place
             self.used.add(key)
             out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
-            if self.dual_tensors:
-                return fwAD.make_dual(out, _embedding_rows(input, *tangent, padding_row))
-            return out + _RankOneEmbeddingTerm.apply(input, *tangent, padding_row)
+            return fwAD.make_dual(out, _embedding_rows(input, *self._factors(weight), padding_row))
         if padding_row is not None:
             is_padding = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
             is_padding[padding_row] = True
@@ -142,27 +145,14 @@ class _PerturbParameters(TorchFunctionMode):
         return F.embedding(input, self._swap(weight), padding_idx, max_norm, *rest, **kwargs)
 
     def _linear(self, input, weight, bias=None):
-        factors = self.tangents.get(id(weight))
-        factors = factors if isinstance(factors, tuple) else None
-        if self.dual_tensors and weight.dim() == 2:
-            x, x_t = fwAD.unpack_dual(input)
-            w_p, w_t = self._primal_and_tangent(weight)
-            b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
-            out = F.linear(x, w_p, b_p)
-            tangent = _linear_tangent(x, x_t, w_p, w_t, factors, b_t, dtype=out.dtype)
-            return out if tangent is None else fwAD.make_dual(out, tangent)
-        if factors is not None:
-            self.used.add(id(weight))
-        else:
-            weight = self._swap(weight)
-        bias = self._swap(bias) if bias is not None else None
-        if self.dual_tensors:
-            return F.linear(input, weight, bias)  # a 1-D weight (never rank-one): forward AD's own rule
-        input_has, bias_has = _has_tangent(input), _has_tangent(bias)
-        if (factors is None and _has_tangent(weight)) or not (input_has or bias_has or factors):
-            return F.linear(input, weight, bias)  # a dense weight tangent (torch's rule), or no tangent
-        u, w = factors or (None, None)  # u: dual (primal 0, tangent u); w: plain
-        return _LinearOfConstantWeight.apply(input, bias, _Constant(weight), u, w, input_has, bias_has, False)
+        if weight.dim() != 2:  # a 1-D weight (never rank-one): forward AD's own rule
+            return F.linear(input, self._swap(weight), self._swap(bias) if bias is not None else None)
+        x, x_t = fwAD.unpack_dual(input)
+        w_p, w_t = self._primal_and_tangent(weight)
+        b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
+        out = F.linear(x, w_p, b_p)
+        tangent = _linear_tangent(x, x_t, w_p, w_t, self._factors(weight), b_t, out.dtype, self.dual_tensors)
+        return out if tangent is None else fwAD.make_dual(out, tangent)
 
     def _primal_and_tangent(self, value):
         """A linear layer's weight or bias as (primal, dense tangent or None). A parameter's
@@ -173,42 +163,44 @@ class _PerturbParameters(TorchFunctionMode):
         self.used.add(id(value))
         return value, None if isinstance(tangent, tuple) else tangent
 
+    def _factors(self, weight):
+        """The rank-one tangent ``(u, w)`` of ``weight``, or None. Under ``torch.func.jvp`` u
+        arrives as the tangent of a dual with primal 0."""
+        factors = self.tangents.get(id(weight))
+        if not isinstance(factors, tuple):
+            return None
+        u, w = factors
+        return (u, w) if self.dual_tensors else (fwAD.unpack_dual(u).tangent, w)
+
     def _addmm_rank_one(self, input, mat1, mat2, *, beta=1, alpha=1):
         """``torch.addmm(b, x, W)`` with a rank-one tangent u wᵀ on W, as in HuggingFace's
-        Conv1D (GPT-2): adds alpha (x·u) wᵀ to the tangent of b and x, in O(N·(in + out))
-        instead of materialising u wᵀ. Under ``torch.func.jvp`` this is the linear layer's
-        Function on Wᵀ; an addmm with alpha or beta other than 1 (rare) takes torch's rule on
+        Conv1D (GPT-2): the linear layer's rule on Wᵀ, whose tangent is w uᵀ, so the term is
+        (x·u) wᵀ, in O(N·(in + out)) instead of materialising u wᵀ. An addmm with alpha or
+        beta other than 1, or a bias of more than one dimension (rare), takes torch's rule on
         the materialised weight instead."""
-        u, w = self.tangents[id(mat2)]
+        bias = self._swap(input)
+        if alpha != 1 or beta != 1 or bias.dim() != 1:
+            return torch.addmm(bias, mat1, self._swap(mat2), beta=beta, alpha=alpha)
         self.used.add(id(mat2))
-        if not self.dual_tensors:  # u: dual (primal 0, tangent u); w: plain
-            bias = self._swap(input)
-            if alpha != 1 or beta != 1 or bias.dim() != 1:  # rare: the generic rule
-                return torch.addmm(bias, mat1, self._swap(mat2), beta=beta, alpha=alpha)
-            input_has, bias_has = _has_tangent(mat1), _has_tangent(bias)
-            return _LinearOfConstantWeight.apply(mat1, bias, _Constant(mat2), u, w, input_has, bias_has, True)
-        out = torch.addmm(self._swap(input), mat1, mat2, beta=beta, alpha=alpha)
-        x = fwAD.unpack_dual(mat1).primal
-        primal, tangent = fwAD.unpack_dual(out)
-        coefficients = torch.mv(x, u.to(x.dtype))  # (N,): x·u
-        w = w.to(primal.dtype)
-        if tangent is None:
-            return fwAD.make_dual(primal, torch.outer(coefficients.to(primal.dtype), w).mul_(alpha))
-        return fwAD.make_dual(primal, torch.addr(tangent, coefficients.to(tangent.dtype), w, alpha=alpha))
+        x, x_t = fwAD.unpack_dual(mat1)
+        b_p, b_t = fwAD.unpack_dual(bias)
+        u, w = self._factors(mat2)
+        out = torch.addmm(b_p, x, mat2)
+        return fwAD.make_dual(out, _linear_tangent(x, x_t, mat2.t(), None, (w, u), b_t, out.dtype,
+                                                   self.dual_tensors))
 
 
-def _has_tangent(value: Optional[Tensor]) -> bool:
-    """Whether ``value`` carries a tangent at the current level (a forward-AD dual, also
-    under ``torch.func.jvp``)."""
-    return value is not None and fwAD.unpack_dual(value).tangent is not None
+def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype, in_place) -> Optional[Tensor]:
+    """The tangent of ``F.linear``: b_t + x_t Wᵀ + x W_tᵀ + (x·w) uᵀ, with only the terms
+    that have a tangent (torch's rule multiplies absent ones as zeros, which ``vmap``
+    materialises), in one (N, out) buffer (N: the input's leading dimensions): the first
+    product starts from b_t (F.linear's addmm, or addr), so there is no pass of its own for
+    the bias. None when no term has a tangent.
 
-
-def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optional[Tensor]:
-    """The tangent of ``F.linear``: b_t + x_t Wᵀ + x W_tᵀ + (x·w) uᵀ, summed in one (N, out)
-    buffer (N: the input's leading dimensions): the first product starts from b_t
-    (addmm/addr), the others add to it in place (addmm_/addr_), so a layer holds one
-    tangent-sized temporary and makes no pass of its own for the bias. None when no term has
-    a tangent.
+    With ``in_place`` the other products add to that buffer in place (addmm_/addr_), so a
+    layer holds one tangent-sized temporary. Under ``vmap`` (K directions) they are computed,
+    then added in place: ``vmap`` has no rule for in-place matrix products, and its addmm
+    makes a pass to scale by beta.
 
     ``dtype`` is the primal output's: under autocast the operands are cast to it, as autocast
     casts them for F.linear (in-place ops are not autocast)."""
@@ -222,16 +214,21 @@ def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype) -> Optiona
     if factors is not None:
         u, w = (cast(f, dtype) for f in factors)
         products.append((torch.mv(inputs, w), u, True))  # (x·w) uᵀ
-    tangent = None if bias_t is None else bias_t.expand(inputs.shape[0], -1)
-    for i, (a, b, outer) in enumerate(products):
-        if i > 0:  # our own buffer: add in place
-            tangent = tangent.addr_(a, b) if outer else tangent.addmm_(a, b.t())
-        elif tangent is None:
-            tangent = torch.outer(a, b) if outer else torch.mm(a, b.t())
-        else:  # the bias tangent, broadcast: a new buffer
-            tangent = torch.addr(tangent, a, b) if outer else torch.addmm(tangent, a, b.t())
-    if tangent is not None and not products:
-        tangent = tangent.clone()  # a bias tangent alone
+    tangent = None
+    for a, b, outer in products:
+        if tangent is not None:  # our own buffer
+            if in_place:
+                tangent = tangent.addr_(a, b) if outer else tangent.addmm_(a, b.t())
+            else:
+                tangent = tangent.add_(torch.outer(a, b) if outer else F.linear(a, b))
+        elif not outer:
+            tangent = F.linear(a, b, bias_t)
+        elif bias_t is None:
+            tangent = torch.outer(a, b)
+        else:
+            tangent = torch.addr(bias_t, a, b) if in_place else torch.outer(a, b).add_(bias_t)
+    if tangent is None and bias_t is not None:  # a bias tangent alone
+        tangent = bias_t.expand(inputs.shape[0], -1).clone()
     if tangent is None or x.dim() == 2:
         return tangent
     return tangent.view(*x.shape[:-1], weight.shape[0])
@@ -242,108 +239,12 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
-class _Constant:
-    """Hides a tensor from torch.func, so that it gets no (zero) tangent of its own."""
-
-    def __init__(self, value: Tensor):
-        self.value = value
-
-
-class _LinearOfConstantWeight(torch.autograd.Function):
-    """``F.linear(x, W, b)`` under ``torch.func.jvp`` for a weight without a dense tangent:
-    the tangent sums only the terms present among x_t Wᵀ, the rank-one weight tangent's term
-    and b_t. ``input_has`` and ``bias_has`` say whether x and b have tangents. The weight
-    tangent u wᵀ (``u`` a dual of primal 0, ``w`` plain) is one of W's: its term is (x·w) uᵀ.
-    With ``transposed`` the op is ``x @ W + b`` (addmm, as in HuggingFace's Conv1D): W is
-    (in, out) and the term is (x·u) wᵀ.
-
-    torch's rule multiplies absent tangents as zeros, which vmap materialises: a wasted
-    primal-sized matmul per layer (x times W's zero tangent), and one more in the first
-    layer, whose input has no tangent. The primal comes from x, W and b alone: written with
-    the factors' ops, it would take the batch dimension of the directions' ``w`` under vmap,
-    and every later layer would compute its primal once per direction."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, bias, weight, u, w, input_has, bias_has, transposed):
-        return F.linear(input, weight.value.t() if transposed else weight.value, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, _, weight, _, w, ctx.input_has, ctx.bias_has, ctx.transposed = inputs
-        ctx.weight = weight.value.t() if ctx.transposed else weight.value  # as F.linear takes it
-        ctx.dtype = output.dtype
-        ctx.save_for_forward(input, w)
-
-    @staticmethod
-    def jvp(ctx, input_tangent, bias_tangent, _, u_tangent, *__):
-        input, w = ctx.saved_tensors
-        bias = bias_tangent if ctx.bias_has else None  # added by the first term
-        terms = []
-        if ctx.input_has:
-            terms.append(F.linear(input_tangent, ctx.weight, bias))
-            bias = None
-        if w is not None:
-            terms.append((input @ u_tangent).unsqueeze(-1) * w if ctx.transposed
-                         else (input @ w).unsqueeze(-1) * u_tangent)
-        if bias is not None:
-            terms.append(bias.expand(*input.shape[:-1], -1).clone())
-        tangent = cast(terms[0], ctx.dtype)
-        for term in terms[1:]:
-            tangent = tangent + cast(term, ctx.dtype)
-        return tangent
-
-
-class _RankOneMatrix(torch.autograd.Function):
-    """Zero, with tangent u wᵀ, under ``torch.func.jvp``: a rank-one weight tangent for an op
-    without a rule of its own. ``u[:, None] * w`` would give the zero primal the batch
-    dimension of the directions' ``w``, and every later op would run once per direction."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(u, w):
-        return u.new_zeros((u.shape[-1], w.shape[-1]))  # u's primal is unbatched zeros
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[1])
-
-    @staticmethod
-    def jvp(ctx, u_tangent, _):
-        (w,) = ctx.saved_tensors
-        return u_tangent.unsqueeze(-1) * w
-
-
 def _embedding_rows(indices, u, w, padding_row):
     """(u wᵀ)[indices] = u[indices] wᵀ, with the padding row's entries left at zero."""
     coefficients = u[indices]
     if padding_row is not None:
         coefficients = coefficients.masked_fill(indices == padding_row, 0)
     return coefficients.unsqueeze(-1) * w
-
-
-class _RankOneEmbeddingTerm(torch.autograd.Function):
-    """Zero, with tangent u[indices] wᵀ: a rank-one weight tangent's share of an embedding's
-    output tangent under ``torch.func.jvp``, with a zero primal built from the unbatched
-    indices (see ``_RankOneMatrix``)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(indices, u, w, padding_row):  # built from the unbatched indices: vmap batches w
-        return indices.new_zeros((*indices.shape, w.shape[-1]), dtype=w.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        indices, _, w, ctx.padding_row = inputs
-        ctx.save_for_forward(indices, w)
-
-    @staticmethod
-    def jvp(ctx, indices_tangent, u_tangent, *_):
-        indices, w = ctx.saved_tensors
-        return _embedding_rows(indices, u_tangent, w, ctx.padding_row)
 
 
 def _with_copied_running_stats(args, kwargs):
@@ -456,7 +357,6 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
             {},
             {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)},
             dual_tensors=True,
-            materialize=lambda p, t: fwAD.make_dual(p, torch.outer(*t) if isinstance(t, tuple) else _own_storage(t)),
             freeze_running_stats=freeze_running_stats,
         )
         with mode:
@@ -499,7 +399,6 @@ def _vmapped_directions(closure, params, tangents):
                 {id(params[i]): v for i, v in zip(dense, values)},
                 {id(params[i]): (u, w) for i, u, w in zip(rank_one, values[len(dense):], w_factors)},
                 dual_tensors=False,
-                materialize=lambda p, uw: p + _RankOneMatrix.apply(*uw),
             )
             with mode:
                 loss = _check_loss(closure())
