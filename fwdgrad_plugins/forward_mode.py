@@ -2,9 +2,11 @@
 
 The closure runs the user's model unchanged. A ``TorchFunctionMode`` swaps each trainable
 parameter for a dual tensor (primal θ, tangent v) whenever a torch function receives it, so
-the model, its parameters and the optimizer are never modified. ``F.linear`` gets a rule of
-its own: it skips the products with absent tangents that the generic rule would compute on
-zeros, and applies rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in O(batch·(in + out)).
+the model, its parameters and the optimizer are never modified. ``F.linear``, ``torch.addmm``
+with a rank-one weight tangent, ``F.embedding`` and the convolutions get rules of their own:
+they skip the products with absent tangents that torch's rules compute on zeros, sum the
+tangent in one buffer, and apply rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in
+O(batch·(in + out)).
 
 One direction runs with ``torch.autograd.forward_ad`` dual tensors; K directions run as one
 ``torch.func.vmap`` over ``torch.func.jvp`` (the primal is computed once), falling back to K
@@ -43,6 +45,7 @@ from fwdgrad_plugins.errors import (
 from fwdgrad_plugins.tangents import RankOne, Tangent, cast
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+_CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _MISSING_RULE_HINTS = ("forward AD", "forward-mode", "forward mode", "jvp")
 
 
@@ -110,6 +113,8 @@ class _PerturbParameters(TorchFunctionMode):
             return self._addmm_rank_one(*args, **kwargs)
         if func is F.embedding:
             return self._embedding(*args, **kwargs)
+        if func in _CONVOLUTIONS:
+            return self._convolution(func, *args, **kwargs)
         if self.freeze_running_stats:
             if func is F.batch_norm:
                 args, kwargs = _with_copied_running_stats(args, kwargs)
@@ -152,6 +157,29 @@ class _PerturbParameters(TorchFunctionMode):
         b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
         out = F.linear(x, w_p, b_p)
         tangent = _linear_tangent(x, x_t, w_p, w_t, self._factors(weight), b_t, out.dtype, self.dual_tensors)
+        return out if tangent is None else fwAD.make_dual(out, tangent)
+
+    def _convolution(self, conv, input, weight, bias=None, *options, **named_options):
+        """``F.conv1d/2d/3d``: the tangent conv(x_t, W) + conv(x, W_t) + b_t, with only the
+        terms that have a tangent (torch's rule convolves the first layer's absent input
+        tangent as zeros), summed in place in the first term's buffer: under ``vmap`` each
+        term is K activations, and a new buffer for every sum costs a CPU page faults. The
+        x_t term comes first: under ``vmap`` its buffer has the layout ``make_dual`` keeps,
+        where the W_t term's (directions inside the channels) would be zero-filled and copied."""
+        x, x_t = fwAD.unpack_dual(input)
+        w_p, w_t = self._primal_and_tangent(weight)
+        b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
+        out = conv(x, w_p, b_p, *options, **named_options)
+        tangent = None
+        for a, b in ((x_t, w_p), (x, w_t)):
+            if a is not None and b is not None:
+                term = cast(conv(a, b, None, *options, **named_options), out.dtype)
+                tangent = term if tangent is None else tangent.add_(term)
+        if b_t is not None:
+            b_t = cast(b_t, out.dtype).view(-1, *[1] * (out.dim() - 2))
+            tangent = b_t.expand_as(out).clone() if tangent is None else tangent.add_(b_t)
+        if tangent is not None and not self.dual_tensors:
+            tangent = tangent.contiguous()  # the W_t term alone (first layer): directions first
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
     def _primal_and_tangent(self, value):

@@ -184,6 +184,43 @@ def test_linear_rule_sums_every_combination_of_tangent_terms(trained, input_shap
         torch.testing.assert_close(dense(new), old, rtol=0, atol=0)
 
 
+CONVOLUTIONS = {
+    "conv1d_strided_dilated": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, dilation=2), nn.Tanh(),
+                                                     nn.Conv1d(4, 3, 2)), (3, 2, 11)),
+    "conv2d_grouped_reflect": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"),
+                                                     nn.Tanh(), nn.Conv2d(4, 6, 3, groups=2)), (2, 2, 6, 5)),
+    "conv3d_no_bias": (lambda: nn.Sequential(nn.Conv3d(1, 2, 2, bias=False), nn.Tanh(),
+                                             nn.Conv3d(2, 2, 2)), (2, 1, 4, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("trained", ["weight", "bias", "both"])
+@pytest.mark.parametrize("name", list(CONVOLUTIONS))
+def test_convolution_rule_sums_every_combination_of_tangent_terms(name, trained, num_directions, sampler):
+    """The convolution rule's tangent conv(x_t, W) + conv(x, W_t) + b_t with any term absent
+    (the first layer's input has no tangent; frozen weights or biases give none), for 1-, 2-
+    and 3-D convolutions with strides, dilation, groups, a padding mode and no bias."""
+    torch.manual_seed(0)
+    build, input_shape = CONVOLUTIONS[name]
+    model = build()
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(trained != "bias")
+        if layer.bias is not None:
+            layer.bias.requires_grad_(trained != "weight")
+    x = torch.randn(*input_shape)
+    closure = lambda: model(x).pow(2).mean()
+    params = trainable_parameters(model.parameters())
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, num_directions, seed=2)
+    before = [dense(t).clone() for t in tangents]
+    result = directional_derivatives(closure, params, tangents)
+    _, expected = autograd_reference(model, closure, params, tangents, seed=0)
+    torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
+    for old, new in zip(before, tangents):
+        torch.testing.assert_close(dense(new), old, rtol=0, atol=0)
+
+
 class RecordOps(TorchDispatchMode):
     """The aten ops run below torch.func's transforms, with their plain tensor arguments."""
 
@@ -232,26 +269,35 @@ def linear_layers(trained):
     return model
 
 
-@pytest.mark.parametrize("sampler, build", [
-    ("rank1-gaussian", lambda: linear_layers("both")),
-    ("gaussian", lambda: linear_layers("both")),
-    ("gaussian", lambda: linear_layers("bias")),
-    ("rank1-gaussian", AddmmLayers),
+def conv_layers(trained):
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Conv1d(2, 2, 3))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(trained != "bias")
+    return model
+
+
+@pytest.mark.parametrize("sampler, build, input_shape", [
+    ("rank1-gaussian", lambda: linear_layers("both"), (6, 5)),
+    ("gaussian", lambda: linear_layers("both"), (6, 5)),
+    ("gaussian", lambda: linear_layers("bias"), (6, 5)),
+    ("rank1-gaussian", AddmmLayers, (6, 5)),
+    ("gaussian", lambda: conv_layers("both"), (6, 1, 9)),
+    ("gaussian", lambda: conv_layers("bias"), (6, 1, 9)),
 ])
-def test_vmapped_linear_multiplies_no_absent_tangent(sampler, build):
+def test_vmapped_layers_multiply_no_absent_tangent(sampler, build, input_shape):
     """Under vmap, a weight without a dense tangent (rank-one or frozen) and the first layer's
-    input, which has none, get no matrix product with a zero tangent: torch's own rule would
-    materialise those zeros and multiply them, a primal-sized matmul each (for the first
-    layer's input, also with a dense weight tangent)."""
+    input, which has none, get no matrix product or convolution with a zero tangent: torch's
+    own rules would materialise those zeros and multiply them, a primal-sized product each."""
     torch.manual_seed(0)
     model = build()
-    x = torch.randn(6, 5)
+    x = torch.randn(*input_shape)
     params = trainable_parameters(model.parameters())
     tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 3, seed=2)
     with RecordOps() as recorded:
         result = directional_derivatives(lambda: model(x).pow(2).mean(), params, tangents)
     products = [(func, args) for func, args in recorded.calls
-                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)]
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                            torch.ops.aten.convolution.default)]
     assert products, "no matrix product recorded"
     for func, args in products:
         assert all(a.any() for a in args if a.dim() >= 2), f"{func} multiplied a zero matrix"
@@ -333,10 +379,18 @@ def test_cuda(dtype):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_bfloat16_autocast(sampler):
-    model, closure = MODELS["mlp"]()
+@pytest.mark.parametrize("num_directions", [1, 2])
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_bfloat16_autocast(sampler, name, num_directions):
+    if name == "conv":
+        torch.manual_seed(0)
+        model = CONVOLUTIONS["conv2d_grouped_reflect"][0]()
+        x = torch.randn(*CONVOLUTIONS["conv2d_grouped_reflect"][1])
+        closure = lambda: model(x).float().pow(2).mean()
+    else:
+        model, closure = MODELS["mlp"]()
     params = list(model.parameters())
-    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, 2, seed=0)
+    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, num_directions, seed=0)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     with autocast():
         result = directional_derivatives(closure, params, tangents)
