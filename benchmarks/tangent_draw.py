@@ -2,9 +2,11 @@
 
 Times, interleaved round by round, drawing ``--count`` values (default: the paper MLP's
 1,863,690 parameters) with ``counter_rng.normal``, ``counter_rng.signs`` and torch's
-``Tensor.normal_`` (mt19937 on the CPU, Philox on CUDA), and prints the median of each.
+``Tensor.normal_`` (mt19937 on the CPU, Philox on CUDA), and ``counter_rng.normal`` into a
+buffer kept between draws (``out=``, as K > 1 steps draw), and prints the median of each.
 
     python benchmarks/tangent_draw.py
+    python benchmarks/tangent_draw.py --count 29819040   # K = 16 directions of the paper MLP
     python benchmarks/tangent_draw.py --count 100000 --repeats 50 --json draw.json
 """
 
@@ -25,10 +27,12 @@ PAPER_MLP_PARAMETERS = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
 def draws(count: int, device: torch.device) -> dict:
     """The draws to time, each a function of the round number (a new seed per round)."""
     buffer = torch.empty(count, device=device)
+    kept = torch.empty(count, device=device)  # as ForwardGradient keeps K > 1 tangents' memory
     generator = torch.Generator(device=device)
     return {
         "torch normal_": lambda seed: buffer.normal_(generator=generator.manual_seed(seed)),
         "counter_rng.normal": lambda seed: counter_rng.normal(seed, 0, count, device),
+        "counter_rng.normal into a kept buffer": lambda seed: counter_rng.normal(seed, 0, count, device, out=kept),
         "counter_rng.signs": lambda seed: counter_rng.signs(seed, 0, count, device),
     }
 

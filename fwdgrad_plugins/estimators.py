@@ -54,9 +54,10 @@ class WeightPerturbation:
     ``reduce`` maps the K local derivatives to global ones (the mean over processes in
     data-parallel training): each process then forms the same update from shared tangents.
 
-    K > 1 tangents are drawn into ``self.workspace``, kept from one call to the next (see
+    K > 1 tangents are drawn into ``self.workspace``, kept from one call to the next where a
+    fresh buffer would cost more (CPU draws above 32 MiB; see
     :class:`~fwdgrad_plugins.tangents.Workspace`; ``workspace.clear()`` frees it). One
-    tangent is not: it becomes the gradient itself, which outlives the call.
+    tangent never is: it becomes the gradient itself, which outlives the call.
     """
 
     reduces_gradients = False  # ``reduce`` sees the K derivatives only

@@ -24,7 +24,8 @@ def register_tangent_samplers(register):
     """Register tangent samplers: ``register(name, factory)``.
 
     ``factory()`` returns a :class:`fwdgrad_plugins.tangents.TangentSampler`, whose
-    ``sample(params, num_directions, seed)`` draws the K tangents for each parameter.
+    ``sample(params, num_directions, seed)`` draws the K tangents for each parameter (and
+    may accept ``workspace=``, memory to draw into: see the protocol).
     """
 
 

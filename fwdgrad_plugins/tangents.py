@@ -92,11 +92,14 @@ class Workspace:
 
     K directions are K × the parameters' size. Allocated afresh for every step, a buffer that
     large costs a CPU more than drawing its values: glibc maps each block above 32 MiB anew
-    from the system, and the first write to every 4 KiB page faults. (CUDA's caching
-    allocator keeps such blocks itself.)
+    from the system, and the first write to every 4 KiB page faults. Smaller blocks it
+    reuses, and CUDA's caching allocator keeps blocks itself; there drawing into kept memory
+    would only add a copy (the kernel draws in pieces that it copies into the buffer). So a
+    workspace serves CPU draws of more than ``min_bytes`` only; ``draw_like`` draws the
+    others afresh.
 
     >>> import torch
-    >>> workspace = Workspace()
+    >>> workspace = Workspace(min_bytes=0)
     >>> w = torch.zeros(3, 4)
     >>> first = GaussianSampler().sample([w], num_directions=2, seed=0, workspace=workspace)[0]
     >>> second = GaussianSampler().sample([w], num_directions=2, seed=1, workspace=workspace)[0]
@@ -104,16 +107,21 @@ class Workspace:
     True
     """
 
-    def __init__(self):
+    def __init__(self, min_bytes: int = 32 << 20):
+        self.min_bytes = min_bytes
         self._buffers: dict[torch.device, Tensor] = {}
 
     def take(self, counts: dict[torch.device, int]) -> dict[torch.device, Tensor]:
-        """A flat float32 tensor of ``counts[device]`` values on each device."""
+        """A flat float32 tensor of ``counts[device]`` values for each device that it serves."""
+        taken = {}
         for device, count in counts.items():
+            if device.type != "cpu" or 4 * count <= self.min_bytes:
+                continue
             if device not in self._buffers or self._buffers[device].numel() < count:
                 self._buffers.pop(device, None)  # free the old buffer before allocating
                 self._buffers[device] = torch.empty(count, device=device)
-        return {device: self._buffers[device][:count] for device, count in counts.items()}
+            taken[device] = self._buffers[device][:count]
+        return taken
 
     @property
     def nbytes(self) -> int:

@@ -81,7 +81,7 @@ def test_rank_one_tangents_through_addmm_equal_autograd(num_directions, frozen_f
 def test_a_workspace_gives_the_same_tangents_in_memory_kept_between_draws(sampler):
     params = [torch.zeros(30, 20), torch.zeros(20), torch.zeros(4, 5, 3)]
     draw = fwdgrad_plugins.get("tangent_samplers", sampler)().sample
-    workspace = Workspace()
+    workspace = Workspace(min_bytes=0)
     first = draw(params, 3, seed=5, workspace=workspace)
     assert torch.equal(flat(first), flat(draw(params, 3, seed=5)))
     pointer = workspace.take({torch.device("cpu"): 1})[torch.device("cpu")].data_ptr()
@@ -92,10 +92,18 @@ def test_a_workspace_gives_the_same_tangents_in_memory_kept_between_draws(sample
 
 
 def test_a_workspace_grows_for_a_larger_draw_and_frees_its_memory_on_clear():
-    workspace = Workspace()
+    workspace = Workspace(min_bytes=0)
     cpu = torch.device("cpu")
     small = workspace.take({cpu: 10})[cpu]
     large = workspace.take({cpu: 1000})[cpu]
     assert small.numel() == 10 and large.numel() == 1000 and workspace.nbytes == 4000
     workspace.clear()
     assert workspace.nbytes == 0
+
+
+def test_a_workspace_serves_only_cpu_draws_above_its_size():
+    workspace = Workspace(min_bytes=400)
+    cpu = torch.device("cpu")
+    assert workspace.take({cpu: 100}) == {} and workspace.nbytes == 0  # 400 bytes: drawn afresh
+    assert workspace.take({cpu: 101})[cpu].numel() == 101
+    assert workspace.take({torch.device("meta"): 1000}) == {}  # other devices keep their own memory
