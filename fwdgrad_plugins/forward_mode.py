@@ -109,8 +109,8 @@ class _PerturbParameters(TorchFunctionMode):
             )
         if func is F.linear:
             return self._linear(*args, **kwargs)
-        if func is torch.addmm and len(args) > 2 and isinstance(self.tangents.get(id(args[2])), tuple):
-            return self._addmm_rank_one(*args, **kwargs)
+        if func is torch.addmm:
+            return self._addmm(*args, **kwargs)
         if func is F.embedding:
             return self._embedding(*args, **kwargs)
         if func in _CONVOLUTIONS:
@@ -183,7 +183,7 @@ class _PerturbParameters(TorchFunctionMode):
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
     def _primal_and_tangent(self, value):
-        """A linear layer's weight or bias as (primal, dense tangent or None). A parameter's
+        """A layer's weight or bias as (primal, dense tangent or None). A parameter's
         own tangent is used as it is: making it a dual would copy it unless it owns its storage."""
         tangent = self.tangents.get(id(value))
         if tangent is None:
@@ -200,22 +200,23 @@ class _PerturbParameters(TorchFunctionMode):
         u, w = factors
         return (u, w) if self.dual_tensors else (fwAD.unpack_dual(u).tangent, w)
 
-    def _addmm_rank_one(self, input, mat1, mat2, *, beta=1, alpha=1):
-        """``torch.addmm(b, x, W)`` with a rank-one tangent u wᵀ on W, as in HuggingFace's
-        Conv1D (GPT-2): the linear layer's rule on Wᵀ, whose tangent is w uᵀ, so the term is
-        (x·u) wᵀ, in O(N·(in + out)) instead of materialising u wᵀ. An addmm with alpha or
-        beta other than 1, or a bias of more than one dimension (rare), takes torch's rule on
-        the materialised weight instead."""
-        bias = self._swap(input)
-        if alpha != 1 or beta != 1 or bias.dim() != 1:
-            return torch.addmm(bias, mat1, self._swap(mat2), beta=beta, alpha=alpha)
-        self.used.add(id(mat2))
-        x, x_t = fwAD.unpack_dual(mat1)
-        b_p, b_t = fwAD.unpack_dual(bias)
-        u, w = self._factors(mat2)
-        out = torch.addmm(b_p, x, mat2)
-        return fwAD.make_dual(out, _linear_tangent(x, x_t, mat2.t(), None, (w, u), b_t, out.dtype,
-                                                   self.dual_tensors))
+    def _addmm(self, input, mat1, mat2, *, beta=1, alpha=1, out=None):
+        """``torch.addmm(b, x, W)``, as in HuggingFace's Conv1D (GPT-2): the linear layer's
+        rule on Wᵀ. A rank-one tangent u wᵀ of W is w uᵀ of Wᵀ, so its term is (x·u) wᵀ, in
+        O(N·(in + out)) instead of materialising u wᵀ. An addmm with alpha or beta other
+        than 1, a bias of more than one dimension or ``out=`` (rare) takes torch's rule, on
+        the materialised weight."""
+        if alpha != 1 or beta != 1 or input.dim() != 1 or out is not None:
+            args = (self._swap(input), self._swap(mat1), self._swap(mat2))
+            return torch.addmm(*args, beta=beta, alpha=alpha, **({} if out is None else {"out": out}))
+        x, x_t = fwAD.unpack_dual(self._swap(mat1))
+        w_p, w_t = self._primal_and_tangent(mat2)
+        b_p, b_t = self._primal_and_tangent(input)
+        factors = self._factors(mat2)
+        result = torch.addmm(b_p, x, w_p)
+        tangent = _linear_tangent(x, x_t, w_p.t(), None if w_t is None else w_t.t(),
+                                  None if factors is None else factors[::-1], b_t, result.dtype, self.dual_tensors)
+        return result if tangent is None else fwAD.make_dual(result, tangent)
 
 
 def _linear_tangent(x, x_t, weight, weight_t, factors, bias_t, dtype, in_place) -> Optional[Tensor]:

@@ -168,10 +168,17 @@ def test_linear_rule_sums_every_combination_of_tangent_terms(trained, input_shap
     input has no tangent; frozen weights or biases give none), for one row, many rows and
     leading dimensions; the tangents it reads, which become the gradient, stay unchanged."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    check_two_layers(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), input_shape, trained,
+                     num_directions, sampler)
+
+
+def check_two_layers(model, input_shape, trained, num_directions, sampler):
+    """Layers 0 and 2 of ``model`` with only their weights, biases or both trained: the
+    derivatives equal autograd's, and the tangents, which become the gradient, stay unchanged."""
     for layer in (model[0], model[2]):
         layer.weight.requires_grad_(trained != "bias")
-        layer.bias.requires_grad_(trained != "weight")
+        if layer.bias is not None:
+            layer.bias.requires_grad_(trained != "weight")
     x = torch.randn(*input_shape)
     closure = lambda: model(x).pow(2).mean()
     params = trainable_parameters(model.parameters())
@@ -204,21 +211,7 @@ def test_convolution_rule_sums_every_combination_of_tangent_terms(name, trained,
     and 3-D convolutions with strides, dilation, groups, a padding mode and no bias."""
     torch.manual_seed(0)
     build, input_shape = CONVOLUTIONS[name]
-    model = build()
-    for layer in (model[0], model[2]):
-        layer.weight.requires_grad_(trained != "bias")
-        if layer.bias is not None:
-            layer.bias.requires_grad_(trained != "weight")
-    x = torch.randn(*input_shape)
-    closure = lambda: model(x).pow(2).mean()
-    params = trainable_parameters(model.parameters())
-    tangents = fwdgrad_plugins.get("tangent_samplers", sampler)().sample(params, num_directions, seed=2)
-    before = [dense(t).clone() for t in tangents]
-    result = directional_derivatives(closure, params, tangents)
-    _, expected = autograd_reference(model, closure, params, tangents, seed=0)
-    torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
-    for old, new in zip(before, tangents):
-        torch.testing.assert_close(dense(new), old, rtol=0, atol=0)
+    check_two_layers(build(), input_shape, trained, num_directions, sampler)
 
 
 class RecordOps(TorchDispatchMode):
@@ -281,6 +274,7 @@ def conv_layers(trained):
     ("gaussian", lambda: linear_layers("both"), (6, 5)),
     ("gaussian", lambda: linear_layers("bias"), (6, 5)),
     ("rank1-gaussian", AddmmLayers, (6, 5)),
+    ("gaussian", AddmmLayers, (6, 5)),
     ("gaussian", lambda: conv_layers("both"), (6, 1, 9)),
     ("gaussian", lambda: conv_layers("bias"), (6, 1, 9)),
 ])
