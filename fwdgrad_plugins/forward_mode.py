@@ -2,11 +2,10 @@
 
 The closure runs the user's model unchanged. A ``TorchFunctionMode`` swaps each trainable
 parameter for a dual tensor (primal θ, tangent v) whenever a torch function receives it, so
-the model, its parameters and the optimizer are never modified. ``F.linear``, ``torch.addmm``
-with a rank-one weight tangent, ``F.embedding`` and the convolutions get rules of their own:
-they skip the products with absent tangents that torch's rules compute on zeros, sum the
-tangent in one buffer, and apply rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in
-O(batch·(in + out)).
+the model, its parameters and the optimizer are never modified. ``F.linear``, ``torch.addmm``,
+``F.embedding`` and the convolutions get rules of their own: they skip the products with
+absent tangents that torch's rules compute on zeros, sum the tangent in one buffer, and
+apply rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in O(batch·(in + out)).
 
 One direction runs with ``torch.autograd.forward_ad`` dual tensors; K directions run as one
 ``torch.func.vmap`` over ``torch.func.jvp`` (the primal is computed once), falling back to K
