@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fwdgrad_plugins
 from fwdgrad_plugins import directional_derivatives, forward_mode
 from fwdgrad_plugins.estimators import trainable_parameters
-from fwdgrad_plugins.tangents import RankOne
+from fwdgrad_plugins.tangents import RankOne, Workspace
 
 from toy_models import MODELS
 
@@ -299,12 +299,14 @@ def test_vmapped_layers_multiply_no_absent_tangent(sampler, build, input_shape):
     torch.testing.assert_close(result.derivatives, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_vmapped_pass_does_not_copy_the_tangents():
-    """The sampler's tangents are views into one buffer; forward AD copies such a tangent when
-    it makes a dual unless it sits on a storage of its own."""
+@pytest.mark.parametrize("workspace", [None, Workspace(min_bytes=0)])
+def test_vmapped_pass_does_not_copy_the_tangents(workspace):
+    """The sampler's tangents are views into one buffer (a fresh draw, or a workspace kept
+    between draws); forward AD copies such a tangent when it makes a dual unless it sits on
+    a storage of its own."""
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     params = list(model.parameters())
-    tangents = fwdgrad_plugins.get("tangent_samplers", "gaussian")().sample(params, 3, seed=2)
+    tangents = fwdgrad_plugins.get("tangent_samplers", "gaussian")().sample(params, 3, seed=2, workspace=workspace)
     assert tangents[1].storage_offset() > 0  # views into one draw
     x = torch.randn(6, 5)
     with RecordOps() as recorded:
