@@ -19,6 +19,7 @@ import inspect
 import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
@@ -81,8 +82,14 @@ class TangentSampler(Protocol):
 
 
 def accepts_workspace(sampler: TangentSampler) -> bool:
-    """Whether ``sampler.sample`` takes a ``workspace`` argument."""
-    return "workspace" in inspect.signature(sampler.sample).parameters
+    """Whether ``sampler.sample`` takes a ``workspace`` argument (read once per sampler class:
+    the estimator asks every step)."""
+    return _sample_takes_workspace(type(sampler))
+
+
+@lru_cache(maxsize=None)
+def _sample_takes_workspace(sampler_type: type) -> bool:
+    return "workspace" in inspect.signature(sampler_type.sample).parameters
 
 
 class Workspace:
