@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fwdgrad_plugins
-from fwdgrad_plugins import ForwardGradient
+from fwdgrad_plugins import ForwardGradient, cpu_memory
 from fwdgrad_plugins.forward_mode import directional_derivatives
 from fwdgrad_plugins.models import deep_mlp, paper_cnn, paper_mlp
 
@@ -320,10 +320,11 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def machine(device: torch.device) -> dict:
+def machine(device: torch.device, keep_freed_memory: bool = False) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "keep_freed_memory": keep_freed_memory}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -357,6 +358,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--memory-only", action="store_true", help="measure memory only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="time with glibc keeping freed memory for reuse (fwdgrad_plugins.cpu_memory); "
+                             "memory is measured without it")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine to PATH")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the time ratios to PATH")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -375,6 +379,8 @@ def main(argv=None) -> list[Row]:
         case, name = args.memory_child
         print(json.dumps(peak_memory_here(case, Method.parse(name), device, args.memory_steps)))
         return []
+    if args.keep_freed_memory and not cpu_memory.keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc's malloc")
     cases = _names(args.cases, list(CASES), "case")
     samplers = _names(args.samplers, fwdgrad_plugins.registered("tangent_samplers"), "sampler")
     directions = [int(k) for k in args.directions.split(",")]
@@ -398,8 +404,8 @@ def main(argv=None) -> list[Row]:
         rows += case_rows
         if args.json:  # after every case, so a run cut short keeps what it measured
             with open(args.json, "w") as out:
-                json.dump({"machine": machine(device), "command": sys.argv, "rows": [asdict(r) for r in rows]},
-                          out, indent=1)
+                json.dump({"machine": machine(device, args.keep_freed_memory), "command": sys.argv,
+                           "rows": [asdict(r) for r in rows]}, out, indent=1)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")

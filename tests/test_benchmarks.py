@@ -20,8 +20,10 @@ def test_step_benchmark_times_and_measures_memory(tmp_path):
     out = tmp_path / "step.json"
     stdout = run("benchmarks/step.py", "--cases", "paper-mlp-64", "--samplers", "rank1-gaussian",
                  "--directions", "1,2", "--methods", "step", "--repeats", "3", "--warmup", "1",
-                 "--memory-steps", "1", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "step.png"))
+                 "--memory-steps", "1", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "step.png"),
+                 "--keep-freed-memory")
     report = json.loads(out.read_text())
+    assert report["machine"]["keep_freed_memory"] is True  # timed so; memory below is measured without it
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"backprop", "step/rank1-gaussian/K=1", "step/rank1-gaussian/K=2"}
