@@ -12,7 +12,8 @@ method once; a ratio is the median over rounds of the two methods' times in one 
 Peak memory is measured for ``backprop`` and ``step`` in a fresh process each: the peak
 resident memory above the resting footprint (model, batch and optimizer built, one step run,
 gradients released) on CPU, and ``torch.cuda.max_memory_allocated`` above the resting
-allocation on CUDA.
+allocation on CUDA. Each timed method also reports its minor page faults per step: pages
+faulted in afresh, which ``--keep-freed-memory`` (``fwdgrad_plugins.cpu_memory``) avoids.
 
     python benchmarks/step.py --cases paper-mlp-64 --directions 1 --json step.json --plot step.png
     python benchmarks/step.py --cases deep-mlp-32 --samplers gaussian --memory-only
@@ -25,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -147,24 +149,34 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_times(work: Workload, methods: list[Method], device: torch.device,
-               repeats: int, warmup: int, label: str = "rounds") -> dict[str, list[float]]:
-    """Seconds per call of each method, one per round; every round runs each method once, in
-    a rotating order."""
+def _minor_faults() -> int:
+    """Pages this process has faulted in so far without reading a disk: first writes to
+    freshly mapped memory, mostly."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def step_times(work: Workload, methods: list[Method], device: torch.device, repeats: int,
+               warmup: int, label: str = "rounds") -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per call of each method, one per round (every round runs each method once, in
+    a rotating order), and each method's minor page faults per call."""
     runners = [make_runner(m, work) for m in methods]
     for run in runners:
         for _ in range(warmup):
             run()
     _synchronize(device)
     times: list[list[float]] = [[] for _ in methods]
+    faults = [0] * len(methods)
     for repeat in tqdm(range(repeats), desc=label, unit="round", leave=False, file=sys.stderr):
         shift = repeat % len(methods)
         for index in list(range(shift, len(methods))) + list(range(shift)):
+            faults_before = _minor_faults()
             start = time.perf_counter()
             runners[index]()
             _synchronize(device)
             times[index].append(time.perf_counter() - start)
-    return {m.name: t for m, t in zip(methods, times)}
+            faults[index] += _minor_faults() - faults_before
+    return ({m.name: t for m, t in zip(methods, times)},
+            {m.name: f / repeats for m, f in zip(methods, faults)})
 
 
 def median_ratio(times: list[float], reference: list[float]) -> float:
@@ -248,11 +260,13 @@ class Row:
     vs_backprop: Optional[float] = None  # median over rounds of time / backprop's time
     vs_one_direction: Optional[float] = None  # the same, over the same sampler's K=1 time
     k_target: Optional[float] = None  # 1 + 0.7 (K - 1)
+    page_faults: Optional[float] = None  # minor page faults per timed step
     peak_mb: Optional[float] = None  # above resting
     peak_vs_backprop: Optional[float] = None
 
 
-def build_rows(case: str, times: dict[str, list[float]], memory: dict[str, dict]) -> list[Row]:
+def build_rows(case: str, times: dict[str, list[float]], memory: dict[str, dict],
+               faults: Optional[dict[str, float]] = None) -> list[Row]:
     rows = []
     names = list(times) or list(memory)
     for name in names:
@@ -260,6 +274,7 @@ def build_rows(case: str, times: dict[str, list[float]], memory: dict[str, dict]
         row = Row(case, name)
         if name in times:
             row.median_ms = statistics.median(times[name]) * 1e3
+            row.page_faults = (faults or {}).get(name)
             if "backprop" in times:
                 row.vs_backprop = median_ratio(times[name], times["backprop"])
             one = Method(method.kind, method.sampler, 1).name
@@ -281,12 +296,13 @@ def format_table(rows: list[Row]) -> str:
     def cell(value, spec):
         return "" if value is None else format(value, spec)
 
-    lines = ["| case | method | ms/step | × backprop | × K=1 (target) | peak MB | × backprop |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | method | ms/step | × backprop | × K=1 (target) | page faults/step | peak MB "
+             "| × backprop |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         k = "" if r.vs_one_direction is None else f"{r.vs_one_direction:.2f} ({r.k_target:.1f})"
         lines.append(f"| {r.case} | {r.method} | {cell(r.median_ms, '.2f')} | {cell(r.vs_backprop, '.2f')} "
-                     f"| {k} | {cell(r.peak_mb, '.1f')} | {cell(r.peak_vs_backprop, '.3f')} |")
+                     f"| {k} | {cell(r.page_faults, '.0f')} | {cell(r.peak_mb, '.1f')} "
+                     f"| {cell(r.peak_vs_backprop, '.3f')} |")
     return "\n".join(lines)
 
 
@@ -391,15 +407,15 @@ def main(argv=None) -> list[Row]:
                                       for k in directions]
     rows = []
     for case in cases:
-        times = {}
+        times, faults = {}, {}
         if not args.memory_only:
-            times = step_times(CASES[case](device), methods, device, args.repeats, args.warmup, case)
+            times, faults = step_times(CASES[case](device), methods, device, args.repeats, args.warmup, case)
         memory = {}
         if not args.no_memory:
             for m in methods:
                 if m.kind == "backprop" or (m.kind == "step" and m.directions in memory_directions):
                     memory[m.name] = peak_memory(case, m, device, args.memory_steps)
-        case_rows = build_rows(case, times, memory)
+        case_rows = build_rows(case, times, memory, faults)
         print(format_table(case_rows), flush=True)
         rows += case_rows
         if args.json:  # after every case, so a run cut short keeps what it measured

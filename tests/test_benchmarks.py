@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -30,7 +31,7 @@ def test_step_benchmark_times_and_measures_memory(tmp_path):
     assert "| paper-mlp-64 | step/rank1-gaussian/K=1 |" in stdout
     backprop = rows["backprop"]
     for row in rows.values():
-        assert row["median_ms"] > 0
+        assert row["median_ms"] > 0 and row["page_faults"] >= 0
         # a median of per-round ratios: near the ratio of medians, not equal to it
         assert row["vs_backprop"] == pytest.approx(row["median_ms"] / backprop["median_ms"], rel=0.5)
     assert backprop["vs_backprop"] == 1.0
@@ -107,6 +108,17 @@ def test_ratios_are_medians_of_per_round_ratios():
     assert step.median_ratio(method, backprop) == pytest.approx(1.5)
     rows = step.build_rows("case", {"backprop": backprop, "step/gaussian/K=1": method}, {})
     assert rows[1].vs_backprop == pytest.approx(1.5) and rows[1].median_ms == pytest.approx(6000.0)
+
+
+def test_page_faults_are_counted_per_step():
+    """A step that writes a fresh 64 MiB buffer (above glibc's mmap threshold) faults in
+    each of its 16384 pages."""
+    step = load_benchmark("step")
+    model = torch.nn.Linear(2, 1)
+    work = step.Workload(model, lambda: model(torch.ones(1, 2)).sum() + torch.ones(2**24).sum() * 0)
+    times, faults = step.step_times(work, [step.Method("backprop")], torch.device("cpu"), repeats=3, warmup=1)
+    assert len(times["backprop"]) == 3
+    assert 2**14 <= faults["backprop"] < 2 * 2**14
 
 
 def test_tangent_draw_benchmark_times_every_draw(tmp_path):
