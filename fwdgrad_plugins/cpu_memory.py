@@ -6,8 +6,9 @@ buffers of that size are then mapped afresh, and the kernel faults in and zero-f
 4 KiB page on its first write. A training step allocates the same buffers every time, so it
 pays this on every step: forward-gradient steps with K directions the most, since their
 activation tangents are K times a batch's activations (the paper CNN's are 51 MB at K = 4),
-but backprop too. On a 2-core CPU it costs about a third of the CNN's K = 4 step and a
-quarter of its backprop step (``benchmarks/step.py --keep-freed-memory`` measures both ways).
+but backprop too. On a 2-core CPU the faults take about two fifths of the paper CNN's K = 4
+step time and a fifth of its backprop step's (``benchmarks/step.py`` counts them per step,
+and ``--keep-freed-memory`` times without them).
 
 ``keep_freed_memory()`` makes glibc serve every block from its heap and keep freed memory
 there for the next step, as torch's CUDA caching allocator does on a GPU; ``empty_cache()``
