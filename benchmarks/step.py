@@ -207,6 +207,7 @@ def peak_memory_here(case: str, method: Method, device: torch.device, steps: int
     One step runs first, so one-time costs (lazy imports, thread pools, compiled kernels)
     count as resting; the gradients are then released, since every step makes them anew, and
     so is the tangent workspace that K > 1 steps keep between steps: it counts as the step's.
+    So is the free memory glibc holds after that step, which ``--keep-freed-memory`` keeps.
     """
     work = CASES[case](device)
     run = make_runner(method, work)
@@ -215,6 +216,7 @@ def peak_memory_here(case: str, method: Method, device: torch.device, steps: int
     if hasattr(run, "workspace"):
         run.workspace.clear()
     gc.collect()
+    cpu_memory.empty_cache()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         resting = torch.cuda.memory_allocated(device)
@@ -233,15 +235,20 @@ def peak_memory_here(case: str, method: Method, device: torch.device, steps: int
     return {"resting_bytes": resting, "peak_above_resting_bytes": peak - resting}
 
 
-def peak_memory(case: str, method: Method, device: torch.device, steps: int) -> dict:
+def peak_memory(case: str, method: Method, device: torch.device, steps: int,
+                keep_freed_memory: bool = False) -> dict:
     """``peak_memory_here`` in a fresh Python process, so no other method's caches count.
 
     glibc's malloc keeps freed blocks of a dynamically growing size for reuse, which would
     hide a step's allocations in the resting footprint; a fixed mmap threshold of 64 KiB
-    hands every larger block back to the system when it is freed.
+    hands every larger block back to the system when it is freed. With ``keep_freed_memory``
+    the child keeps freed memory instead, as a training script calling it would: its peak
+    then includes what glibc's heap grows by before it reuses its free blocks.
     """
-    command = [sys.executable, os.path.abspath(__file__), "--memory-child", case, method.name,
-               "--device", str(device), "--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
+    command = [sys.executable, os.path.abspath(__file__), "--memory-child", case, method.name, "--device",
+               str(device), "--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
+    if keep_freed_memory:
+        command.append("--keep-freed-memory")
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if done.returncode != 0:
@@ -375,8 +382,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="time with glibc keeping freed memory for reuse (fwdgrad_plugins.cpu_memory); "
-                             "memory is measured without it")
+                        help="let glibc keep freed memory for reuse, in the timing and the memory runs "
+                             "(fwdgrad_plugins.cpu_memory.keep_freed_memory)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine to PATH")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the time ratios to PATH")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -391,12 +398,12 @@ def main(argv=None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.keep_freed_memory and not cpu_memory.keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc's malloc")
     if args.memory_child:
         case, name = args.memory_child
         print(json.dumps(peak_memory_here(case, Method.parse(name), device, args.memory_steps)))
         return []
-    if args.keep_freed_memory and not cpu_memory.keep_freed_memory():
-        raise SystemExit("--keep-freed-memory needs glibc's malloc")
     cases = _names(args.cases, list(CASES), "case")
     samplers = _names(args.samplers, fwdgrad_plugins.registered("tangent_samplers"), "sampler")
     directions = [int(k) for k in args.directions.split(",")]
@@ -414,7 +421,7 @@ def main(argv=None) -> list[Row]:
         if not args.no_memory:
             for m in methods:
                 if m.kind == "backprop" or (m.kind == "step" and m.directions in memory_directions):
-                    memory[m.name] = peak_memory(case, m, device, args.memory_steps)
+                    memory[m.name] = peak_memory(case, m, device, args.memory_steps, args.keep_freed_memory)
         case_rows = build_rows(case, times, memory, faults)
         print(format_table(case_rows), flush=True)
         rows += case_rows

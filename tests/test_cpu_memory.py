@@ -28,14 +28,14 @@ def rss():
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 kept = cpu_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
-for step in range(3):  # a training loop's first steps: allocated, written, freed
+steps = []
+for step in range(30):  # a training loop: the same buffer allocated, written and freed each step
+    before = faults()
     torch.empty({BLOCK} // 4).fill_(1.0)
-before = faults()
-torch.empty({BLOCK} // 4).fill_(1.0)  # the next step's
-again = faults() - before
+    steps.append(faults() - before)
 resting = rss()
 emptied = cpu_memory.empty_cache()
-print(json.dumps(dict(kept=kept, faults=again, released=resting - rss(), emptied=emptied)))
+print(json.dumps(dict(kept=kept, faults=sum(steps[-10:]), released=resting - rss(), emptied=emptied)))
 """
 
 
@@ -47,9 +47,12 @@ def probe(mode):
 
 @glibc_only
 def test_a_freed_block_is_reused_without_page_faults_and_emptied_on_request():
+    """Faults over the last 10 of 30 steps. With kept memory the first few steps may still
+    grow the heap (glibc's aligned allocations leave the freed block a little short of the
+    next request until freed neighbours merge with it); from then on nothing faults."""
     pages = BLOCK // 4096
     default = probe("default")
-    assert default["faults"] > pages // 2  # the control: mapped afresh, every page faults
+    assert default["faults"] > 10 * pages // 2  # the control: mapped afresh, every page faults
     kept = probe("keep")
     assert kept["kept"] is True
     assert kept["faults"] < pages // 50
