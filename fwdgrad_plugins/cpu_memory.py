@@ -14,10 +14,11 @@ and ``--keep-freed-memory`` times without them).
 there for the next step, as torch's CUDA caching allocator does on a GPU; ``empty_cache()``
 gives the free part back. It trades memory for time: resident memory stays at the heap's
 high-water mark, which fragmentation puts at 1.2 to 2.4 times a step's own peak in the
-project's benchmarks. Both act on the whole process, so call them from a training script,
-not from a library. Where malloc is not glibc's (macOS, Windows, musl) they do nothing;
-jemalloc or tcmalloc (``LD_PRELOAD``, see ``python -m torch.backends.xeon.run_cpu``) and
-torch's ``THP_MEM_ALLOC_ENABLE=1`` are the alternatives there.
+project's benchmarks (4.4 for the smallest). Both act on the whole process, so call them
+from a training script, not from a library. Where malloc is not glibc's (macOS, Windows,
+musl) they do nothing; jemalloc or tcmalloc (``LD_PRELOAD``, see ``python -m
+torch.backends.xeon.run_cpu``) and torch's ``THP_MEM_ALLOC_ENABLE=1`` are the alternatives
+there.
 
 >>> from fwdgrad_plugins import cpu_memory
 >>> cpu_memory.keep_freed_memory()  # doctest: +SKIP
