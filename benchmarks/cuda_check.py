@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 import fwdgrad_plugins
 from fwdgrad_plugins import counter_rng
 from fwdgrad_plugins.forward_mode import directional_derivatives
-from fwdgrad_plugins.models import paper_cnn, paper_mlp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # paper_models, mnist_data
+from paper_models import paper_cnn, paper_mlp  # noqa: E402
 from fwdgrad_plugins.tangents import RankOne
 
 # error / ‖∇f‖ allowed; or up to twice the error of backprop in the same dtype

@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -41,7 +42,8 @@ from tqdm.auto import tqdm
 import fwdgrad_plugins
 from fwdgrad_plugins import ForwardGradient, cpu_memory
 from fwdgrad_plugins.forward_mode import directional_derivatives
-from fwdgrad_plugins.models import deep_mlp, paper_cnn, paper_mlp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # paper_models, mnist_data
+from paper_models import deep_mlp, paper_cnn, paper_mlp  # noqa: E402
 
 LR = 1e-6  # tiny, so the model stays put over the repeats; the update's cost does not depend on it
 

@@ -20,6 +20,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -30,8 +31,9 @@ from tqdm.auto import tqdm
 
 import fwdgrad_plugins
 from fwdgrad_plugins import ForwardGradient
-from fwdgrad_plugins.data import mnist
-from fwdgrad_plugins.models import paper_mlp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # paper_models, mnist_data
+from mnist_data import mnist  # noqa: E402
+from paper_models import paper_mlp  # noqa: E402
 
 # SGD learning rates from a sweep over {1e-5, 3e-5, 1e-4, 2e-4, 3e-4, 1e-3} (forward gradients)
 # and {0.03, 0.1, 0.3} (backprop) on this MLP at batch 64: fast, yet stable until loss 2.0

@@ -2,7 +2,7 @@
 # config (no download), classifies MNIST digits read as token sequences: each image is average-
 # pooled to 7x7 and every pixel becomes one token naming its position and its grey level (one of
 # 4), so a sequence is [CLS] + 49 tokens over a vocabulary of 196 + 2. Data: real MNIST from
-# --data_dir or FWDGRAD_DATA_DIR (torchvision layout, read by fwdgrad_plugins.data).
+# --data_dir or FWDGRAD_DATA_DIR (torchvision layout, read by recipes/mnist_data.py).
 #
 #   export FWDGRAD_DATA_DIR=../shared/data
 #   python recipes/hf_trainer.py --optim adamw_torch
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser
 
-from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments, data
+import mnist_data as data  # recipes/mnist_data.py, beside this script
+from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments
 
 POOL, LEVELS = 4, 4  # 28x28 -> 7x7 pixels, each quantised to LEVELS grey levels
 PIXELS = (28 // POOL) ** 2

@@ -25,7 +25,9 @@ from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 import fwdgrad_plugins
-from fwdgrad_plugins import ForwardGradientEstimator, data, local_losses, models
+import mnist_data as data  # recipes/mnist_data.py, beside this script
+import paper_models as models  # recipes/paper_models.py
+from fwdgrad_plugins import ForwardGradientEstimator, local_losses
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from fwdgrad_plugins import ForwardGradient, get, registered
 from fwdgrad_plugins.local_losses import LocalActivityPerturbation, NotLocalLossModelError, with_local_losses
-from fwdgrad_plugins.models import paper_mlp
+from paper_models import paper_mlp
 
 GAUSSIAN = get("tangent_samplers", "gaussian")()
 RADEMACHER = get("tangent_samplers", "rademacher")()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwdgrad_plugins import ForwardGradient
-from fwdgrad_plugins.data import mnist
+from mnist_data import mnist
 
 INNER = {
     "sgd": (lambda params: torch.optim.SGD(params, lr=5e-3)),

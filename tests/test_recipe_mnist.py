@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import fwdgrad_plugins
-from fwdgrad_plugins.models import paper_mlp
+from paper_models import paper_mlp
 from processes import free_port
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist.py")
