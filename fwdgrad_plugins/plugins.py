@@ -44,15 +44,34 @@ class UnknownNameError(ValueError):
     """A name that no registered plugin provides."""
 
 
+class DuplicateNameError(ValueError):
+    """A name that two plugins (or one plugin twice) register for the same kind."""
+
+
 def _collect(kind: str) -> dict:
+    """``{name: value}`` over every plugin's ``register_<kind>`` hook; a name registered twice
+    raises :class:`DuplicateNameError` naming both plugins, so a third-party plugin never
+    silently replaces a built-in one (or loses to it).
+
+    Each hook implementation gets a ``register`` callback of its own (pluggy's
+    ``get_hookimpls``), so the error can say who registered what."""
     if kind not in KINDS:
         raise UnknownNameError(f"unknown plugin kind {kind!r}; known kinds: {', '.join(KINDS)}")
     found: dict = {}
+    owners: dict = {}
+    for impl in getattr(plugin_manager().hook, f"register_{kind}").get_hookimpls():  # in registration order
 
-    def register(name, value):
-        found[name] = value
+        def register(name, value, _plugin=impl.plugin_name):
+            if name in found:
+                singular = kind[:-1].replace("_", " ")
+                raise DuplicateNameError(
+                    f"{singular} {name!r} is registered by both plugin {owners[name]!r} and plugin "
+                    f"{_plugin!r}: rename one of them (or uninstall one; FWDGRAD_LOAD_PLUGINS=0 "
+                    "loads the built-in plugins only)."
+                )
+            found[name], owners[name] = value, _plugin
 
-    getattr(plugin_manager().hook, f"register_{kind}")(register=register)
+        impl.function(register=register)
     return found
 
 

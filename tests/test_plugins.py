@@ -15,7 +15,7 @@ from torch import nn
 import fwdgrad_plugins
 from fwdgrad_plugins import ForwardGradient, hookimpl, hookspecs
 from fwdgrad_plugins.estimators import WeightPerturbation
-from fwdgrad_plugins.plugins import plugin_manager
+from fwdgrad_plugins.plugins import DuplicateNameError, plugin_manager
 
 
 class UniformSampler:
@@ -123,3 +123,22 @@ def test_entry_point_plugins_are_loaded_and_listed(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "fwdgrad_plugins", "list"], env=env,
                              capture_output=True, text=True, check=True).stdout
     assert "from-entry-point" not in listing and "  gaussian" in listing
+
+
+class CollidingPlugin:
+    @hookimpl
+    def register_tangent_samplers(self, register):
+        register("gaussian", UniformSampler)  # a name the built-in sampler holds
+
+
+def test_a_taken_name_is_an_error_naming_both_plugins():
+    plugin = CollidingPlugin()
+    plugin_manager().register(plugin, name="colliding")
+    try:
+        with pytest.raises(DuplicateNameError, match=r"'gaussian'.*'fwdgrad_plugins.tangents'.*'colliding'"):
+            fwdgrad_plugins.get("tangent_samplers", "gaussian")
+        with pytest.raises(DuplicateNameError):
+            fwdgrad_plugins.registered("tangent_samplers")
+    finally:
+        plugin_manager().unregister(plugin)
+    assert fwdgrad_plugins.get("tangent_samplers", "gaussian") is not UniformSampler
