@@ -17,6 +17,14 @@ devices, draws inside ``torch.func`` transforms or ``TorchFunctionMode``s, and m
 ``torch.compile`` cannot build a kernel (no C++ compiler, or ``TORCH_COMPILE_DISABLE=1``) run
 the same ops eagerly.
 
+The compiled kernel uses torch internals (inductor's ``standalone_compile``, ``make_fx``,
+functorch's and torch-function mode's state); all of them sit in :func:`_compiled_draw`, which
+falls back to the eager ops (the public path, the same values to float rounding) on any
+failure, so a torch release that changes them costs speed, never correctness.
+:func:`use_compiled_kernel` turns the compiled path off or on; :func:`build_kernels` builds
+the kernels up front and says how long that took (a training loop then times its steps
+without the one-off build).
+
 >>> import torch
 >>> from fwdgrad_plugins.counter_rng import normal, signs
 >>> z = normal(seed=7, start=0, count=6)
@@ -28,16 +36,15 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import warnings
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-import torch._dynamo.config as dynamo_config
-import torch._inductor.config as inductor_config
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import make_fx
 
 LANES = 64  # counters per unit: a kernel computes whole units, stored as contiguous runs
 BLOCK = 1 << 24  # units per key: counters stay within int32
@@ -127,11 +134,40 @@ def _signs(keys, first, units: int, device: torch.device) -> Tensor:
 
 # --------------------------------------------------------------------------- dispatch
 
-_compile_failed = False
+_compile_failed = False  # a build or call failed once: draw eagerly from then on
+_compiled_enabled = True
+
+
+@contextlib.contextmanager
+def use_compiled_kernel(enabled: bool) -> Iterator[None]:
+    """Within the block, draw with the compiled CPU kernel (``True``, the default) or with
+    eager torch ops only (``False``); both give the same values, to float rounding.
+
+    >>> with use_compiled_kernel(False):
+    ...     eager = normal(seed=1, start=0, count=1000)
+    >>> torch.allclose(eager, normal(seed=1, start=0, count=1000), atol=1e-6)
+    True
+    """
+    global _compiled_enabled
+    previous, _compiled_enabled = _compiled_enabled, enabled
+    try:
+        yield
+    finally:
+        _compiled_enabled = previous
+
+
+def build_kernels() -> float:
+    """Build the compiled CPU kernels now (a few seconds, once per process) rather than on the
+    first draw; returns the seconds it took (0 where draws run eagerly)."""
+    started = time.perf_counter()
+    for kernel in (_normals, _signs):
+        _run(kernel, [0, 0, 0, 0], 0, 1, torch.device("cpu"))
+    compiled = _compiled_enabled and not _compile_failed
+    return time.perf_counter() - started if compiled else 0.0
 
 
 @lru_cache(maxsize=None)
-def _compiled(kernel: Kernel) -> Callable[[Tensor, int], Tensor]:
+def _build(kernel: Kernel) -> Callable[[Tensor, int], Tensor]:
     """``kernel`` built by inductor once for any number of units, as ``(state, units) ->
     values`` with ``state`` the int32 tensor ``[key0, key1, key2, key3, first unit]``.
 
@@ -140,7 +176,10 @@ def _compiled(kernel: Kernel) -> Callable[[Tensor, int], Tensor]:
     frame evaluation and guards: a path that runs cold inside a training step, whose data has
     pushed it out of the caches. Compiled in this process
     (``compile_threads=1``): a kernel this small gains nothing from a pool of compile workers,
-    which would stay alive in every training process."""
+    which would stay alive in every training process. Called only by :func:`_compiled_draw`."""
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     def traced(state: Tensor, shaped: Tensor) -> Tensor:  # shaped: (units, 0), carries the count
         return kernel(state[:4], state[4], shaped.shape[0], shaped.device)
@@ -153,32 +192,44 @@ def _compiled(kernel: Kernel) -> Callable[[Tensor, int], Tensor]:
     return lambda state, units: built(state, torch.empty(units, 0))
 
 
-def _compilable(device: torch.device) -> bool:
-    """Whether to run the compiled kernel: on the CPU, unless ``TORCH_COMPILE_DISABLE=1``,
-    outside functorch transforms (the kernel is not batched) and outside TorchFunctionModes
-    (they would see no ops)."""
-    return (device.type == "cpu" and not _compile_failed and not dynamo_config.disable
-            and torch._C._functorch.maybe_current_level() is None
-            and torch._C._len_torch_function_stack() == 0)
+def _compiled_draw(kernel: Kernel, keys: list[int], first: int, units: int,
+                   device: torch.device) -> Optional[Tensor]:
+    """``kernel`` on ``units`` units from ``first`` through the compiled CPU kernel, or ``None``
+    where that path is not taken: off (:func:`use_compiled_kernel`, ``TORCH_COMPILE_DISABLE=1``),
+    not the CPU, inside a functorch transform (the kernel is not batched) or a
+    TorchFunctionMode (it would see no ops), or after a failed build (warned once).
+
+    The one place that touches torch internals; any failure here, an internal that a torch
+    release renamed included, falls back to the eager ops."""
+    global _compile_failed
+    if not _compiled_enabled or _compile_failed or device.type != "cpu":
+        return None
+    try:
+        import torch._dynamo.config as dynamo_config
+
+        if (dynamo_config.disable or torch._C._functorch.maybe_current_level() is not None
+                or torch._C._len_torch_function_stack() != 0):
+            return None
+        return _build(kernel)(torch.tensor([*keys, first], dtype=torch.int32), units)
+    except Exception as error:  # no C++ compiler, an unsupported platform, a changed internal
+        _compile_failed = True
+        warnings.warn(
+            f"torch.compile could not build the tangent kernel ({type(error).__name__}: "
+            f"{str(error)[:200]}); tangents are drawn with eager torch ops instead: the "
+            "same values (to float rounding), several times slower. Install a C++ compiler "
+            "to speed them up, or set TORCH_COMPILE_DISABLE=1 to draw eagerly without this "
+            "warning.",
+            RuntimeWarning, stacklevel=4,
+        )
+        return None
 
 
 def _run(kernel: Kernel, keys: list[int], first: int, units: int, device: torch.device) -> Tensor:
     """``kernel`` on ``units`` units from ``first``: compiled where it can be, else in eager
     passes of ``EAGER_CHUNK`` units."""
-    global _compile_failed
-    if _compilable(device):
-        try:
-            return _compiled(kernel)(torch.tensor([*keys, first], dtype=torch.int32), units)
-        except Exception as error:  # no C++ compiler, an unsupported platform, ...
-            _compile_failed = True
-            warnings.warn(
-                f"torch.compile could not build the tangent kernel ({type(error).__name__}: "
-                f"{str(error)[:200]}); tangents are drawn with eager torch ops instead: the "
-                "same values (to float rounding), several times slower. Install a C++ compiler "
-                "to speed them up, or set TORCH_COMPILE_DISABLE=1 to draw eagerly without this "
-                "warning.",
-                RuntimeWarning, stacklevel=3,
-            )
+    compiled = _compiled_draw(kernel, keys, first, units, device)
+    if compiled is not None:
+        return compiled
     parts = [kernel(keys, first + offset, min(EAGER_CHUNK, units - offset), device)
              for offset in range(0, units, EAGER_CHUNK)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
