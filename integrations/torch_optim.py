@@ -13,8 +13,7 @@ torch.Size([])
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -34,6 +33,12 @@ class ForwardGradient(torch.optim.Optimizer):
     A non-finite directional derivative skips the update with a warning; ``skipped_steps``
     counts them. ``state_dict()`` holds the inner optimizer's state and the estimator's
     (seed, step), so a resumed run ends bit-identical to an uninterrupted one.
+
+    The whole ``Optimizer`` contract holds: the base initialiser runs (hook registries and the
+    step wrapper that fires step hooks), state-dict and load-state-dict hooks fire, and
+    ``copy.deepcopy`` and ``pickle`` carry the inner optimizer and the estimator (hooks are
+    dropped, as torch drops them). The base initialiser's fresh ``param_groups``, ``state``
+    and ``defaults`` are not kept: those three are the inner optimizer's, read through.
 
     Args:
         optimizer: the torch optimizer to drive (SGD, Adam, AdamW, ...).
@@ -56,16 +61,27 @@ class ForwardGradient(torch.optim.Optimizer):
             estimator=estimator, tangents=tangents, num_directions=num_directions, seed=seed,
             estimator_options=estimator_options,
         )
-        # torch.optim.Optimizer's bookkeeping, without a second copy of the parameter groups.
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
-                     "load_state_dict_pre", "load_state_dict_post"):
-            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-        self._patch_step_function()
+        super().__init__([p for group in optimizer.param_groups for p in group["params"]], optimizer.defaults)
+        self._initialised = True
 
-    # The inner optimizer owns the groups and state (load_state_dict replaces its lists).
-    param_groups = property(lambda self: self.optimizer.param_groups)
-    state = property(lambda self: self.optimizer.state)
-    defaults = property(lambda self: self.optimizer.defaults)
+    def _inner(name: str):  # noqa: N805 (a property factory used in the class body)
+        """The inner optimizer's ``name``, read and written through (its ``load_state_dict``
+        replaces its lists, so no alias would stay valid). ``Optimizer.__init__``'s own empty
+        containers are dropped: the inner optimizer keeps its groups and state."""
+
+        def get(self):
+            return getattr(self.optimizer, name)
+
+        def set(self, value):
+            if self.__dict__.get("_initialised"):
+                setattr(self.optimizer, name, value)
+
+        return property(get, set)
+
+    param_groups = _inner("param_groups")
+    state = _inner("state")
+    defaults = _inner("defaults")
+    del _inner
 
     @property
     def skipped_steps(self) -> int:
@@ -89,14 +105,46 @@ class ForwardGradient(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
-        self.optimizer.add_param_group(param_group)
+        if self.__dict__.get("_initialised"):  # Optimizer.__init__'s calls: the groups are there
+            self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "forward_gradient": self.estimator.state_dict()}
+        """``{"optimizer": the inner state dict, "forward_gradient": the estimator's}``; the
+        hooks of ``register_state_dict_pre_hook`` / ``_post_hook`` fire as for any optimizer."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = {"optimizer": self.optimizer.state_dict(), "forward_gradient": self.estimator.state_dict()}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            changed = post_hook(self, state)
+            state = state if changed is None else changed
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` returned; the load-state-dict hooks fire. The estimator's
+        options are checked first; on any error nothing changes."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            changed = pre_hook(self, state_dict)
+            state_dict = state_dict if changed is None else changed
+        if not {"optimizer", "forward_gradient"} <= set(state_dict):
+            raise KeyError(
+                "not a ForwardGradient state dict (it needs 'optimizer' and 'forward_gradient'): "
+                "load an inner optimizer's own state dict with opt.optimizer.load_state_dict."
+            )
+        before = self.estimator.state_dict()
         self.estimator.load_state_dict(state_dict["forward_gradient"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+        except Exception:
+            self.estimator.load_state_dict(before)  # a bad inner state leaves both unchanged
+            raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the hooks (torch's optimizers drop theirs too), so ``copy.deepcopy``
+        and ``pickle`` keep the inner optimizer and the estimator."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.estimator.state_dict().items())

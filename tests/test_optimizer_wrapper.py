@@ -150,3 +150,77 @@ def test_embedding_padding_row_is_never_updated():
         opt.step(lambda: head(embedding(ids)).pow(2).mean())
     assert torch.equal(embedding.weight[0], torch.zeros(4))
     assert embedding.weight.grad[0].abs().sum() == 0 and embedding.weight.grad[1].abs().sum() > 0
+
+
+def _stepped(seed=3):
+    model = small_mlp()
+    opt = ForwardGradient(torch.optim.Adam(model.parameters(), lr=1e-3), num_directions=2, seed=seed)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    return model, opt
+
+
+def test_runs_the_base_initialiser_and_fires_step_and_state_dict_hooks():
+    model, opt = _stepped()
+    assert opt.param_groups is opt.optimizer.param_groups and opt.defaults is opt.optimizer.defaults
+    fired = []
+    handles = [
+        opt.register_step_pre_hook(lambda *_: fired.append("step_pre")),
+        opt.register_step_post_hook(lambda *_: fired.append("step_post")),
+        opt.register_state_dict_pre_hook(lambda *_: fired.append("state_dict_pre")),
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1}),
+        opt.register_load_state_dict_pre_hook(lambda o, sd: fired.append("load_pre")),
+        opt.register_load_state_dict_post_hook(lambda *_: fired.append("load_post")),
+    ]
+    opt.step(lambda: model(torch.randn(2, 1, 28, 28)).sum())
+    state = opt.state_dict()
+    assert state["extra"] == 1  # a post hook's return value replaces the state dict
+    opt.load_state_dict(state)
+    assert fired == ["step_pre", "step_post", "state_dict_pre", "load_pre", "load_post"]
+    for handle in handles:
+        handle.remove()
+    opt.step(lambda: model(torch.randn(2, 1, 28, 28)).sum())
+    assert len(fired) == 5
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_keep_the_inner_optimizer_and_the_estimator(copier):
+    import pickle
+
+    model, opt = _stepped()
+    opt.register_step_pre_hook(lambda *_: None)  # hooks are dropped, as torch drops its own
+    copied = copy.deepcopy(opt) if copier == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert isinstance(copied.optimizer, torch.optim.Adam) and copied.optimizer is not opt.optimizer
+    assert copied.param_groups is copied.optimizer.param_groups
+    assert copied.estimator.state_dict() == opt.estimator.state_dict()
+    original, restored = opt.optimizer.state_dict(), copied.optimizer.state_dict()
+    assert restored["param_groups"] == original["param_groups"]
+    for key, state in original["state"].items():
+        for name, value in state.items():
+            assert torch.equal(restored["state"][key][name], value)
+    assert len(copied._optimizer_step_pre_hooks) == 0
+    # the copy trains its own copies of the parameters, exactly as the original trains its own
+    params = [p for group in copied.param_groups for p in group["params"]]
+    assert all(a is not b for a, b in zip(params, model.parameters()))
+    x = torch.randn(4, 784)
+    loss_of = lambda ps: lambda: (x @ ps[0].T + ps[1]).relu().sum()
+    for o, ps in ((opt, list(model.parameters())), (copied, params)):
+        o.zero_grad()
+        o.step(loss_of(ps))
+    for a, b in zip(params, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_bad_inner_state_dict_leaves_the_wrapper_unchanged():
+    _, opt = _stepped()
+    before = opt.estimator.state_dict()
+    state = opt.state_dict()
+    state["forward_gradient"] = {**state["forward_gradient"], "step": 99}
+    state["optimizer"] = {**state["optimizer"], "param_groups": []}
+    with pytest.raises(ValueError):
+        opt.load_state_dict(state)
+    assert opt.estimator.state_dict() == before
+    with pytest.raises(KeyError, match="opt.optimizer.load_state_dict"):
+        opt.load_state_dict(opt.optimizer.state_dict())
