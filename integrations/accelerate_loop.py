@@ -59,7 +59,7 @@ class TrainingOptions:
     run_name: Optional[str] = None  # prefix of logged names; default: the method
     stop_on_divergence: bool = True  # stop at the first non-finite training loss
     progress_bar: bool = True
-    measure_memory: bool = True  # profile the second step for its peak memory
+    measure_memory: bool = True  # the second step's peak memory, on CUDA (see peak_step_memory)
 
 
 @dataclass
@@ -96,7 +96,7 @@ class TrainResult:
     median_step_seconds: float
     steps_per_second: float  # steps / training seconds (evaluation excluded)
     training_seconds: float
-    peak_step_memory_bytes: Optional[int]  # above what was allocated before the step
+    peak_step_memory_bytes: Optional[int]  # above what was allocated before the step; CUDA only
     bytes_per_step: int  # all-reduce payload per update (see communicated_bytes_per_step)
     skipped_steps: int
     diverged: bool
@@ -142,26 +142,17 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 def peak_step_memory(step: Callable[[], object], device: torch.device):
     """Run ``step()`` and return ``(its result, peak bytes allocated above what was allocated
-    before it)``: from the CUDA allocator on GPUs, from the torch profiler's allocation events
-    on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        result = step()
-        torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        result = step()
-    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    allocated = peak = 0
-    for event in events:
-        allocated += event.nbytes()
-        peak = max(peak, allocated)
-    return result, peak
+    before it)``, from the CUDA allocator's statistics; ``None`` for the bytes on other devices,
+    whose allocators keep no such count (``benchmarks/step.py`` measures CPU memory, in a fresh
+    process per method)."""
+    if device.type != "cuda":
+        return step(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = step()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - before
 
 
 def evaluate(accelerator: Accelerator, network: torch.nn.Module, loader, loss_fn) -> tuple[float, float]:
@@ -207,8 +198,16 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
     update. The loop prepares everything with ``accelerator.prepare``, logs ``<run>/train_loss``,
     ``<run>/lr``, ``<run>/test_accuracy`` through ``accelerator.log`` (call
     ``accelerator.init_trackers`` first to record them), shows tqdm on the main process, and
-    checkpoints with ``save_state`` (the estimator's seed and step included). A training
-    loss that is not finite marks the run as diverged and, by default, stops it.
+    checkpoints with ``save_state`` (the estimator's seed and step included). The test set is
+    evaluated before the first step too (step 0). A training loss that is not finite marks the
+    run as diverged and, by default, stops it.
+
+    The forward-gradient part is the ``update`` below; in a loop of your own it is::
+
+        estimate = estimator.backward(lambda: loss_fn(model(inputs), targets), model.parameters())
+        if not estimate.skipped:  # a non-finite directional derivative skips the update
+            optimizer.step()
+        optimizer.zero_grad()
     """
     options = options or TrainingOptions()
     if method == "fwdgrad" and estimator is None:
@@ -259,6 +258,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
     def save_checkpoint():
         accelerator.save_state(os.path.join(options.checkpoint_dir, f"checkpoint-{progress.step}"))
 
+    if not progress.evaluations:
+        record_evaluation()  # step 0: the initial weights
     bar = tqdm(total=total, initial=progress.step, desc=run,
                disable=not (options.progress_bar and accelerator.is_local_main_process))
     while progress.step < total and not (progress.diverged_at is not None and options.stop_on_divergence):
@@ -266,9 +267,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
         train_loader.set_epoch(epoch)  # the seedable sampler's order depends on the epoch alone
         batches = accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
         for inputs, targets in batches:
-            # The second step is profiled: the first makes one-time allocations (cuBLAS workspace).
+            # The second step's memory is measured: the first makes one-time allocations
+            # (cuBLAS workspace).
             profile = (options.measure_memory and progress.peak_step_memory_bytes is None
-                       and progress.step == 1)
+                       and progress.step == 1 and accelerator.device.type == "cuda")
             started = time.perf_counter()
             if profile:  # the profiled step is not timed
                 loss, progress.peak_step_memory_bytes = peak_step_memory(
@@ -281,6 +283,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
             progress.training_seconds += seconds
             progress.step += 1
             bar.update(1)
+            if len(progress.step_times) == 20 and total - progress.step > 20 and not bar.disable:
+                left = statistics.median(progress.step_times) * (total - progress.step)
+                bar.write(f"{run}: {total - progress.step} steps left, about {left:.0f} s of "
+                          "training at the speed of the first 20 (evaluations not included)")
 
             loss = (reduce(loss.reshape(1)) if many else loss).item()
             if not math.isfinite(loss) and progress.diverged_at is None:

@@ -128,8 +128,12 @@ def main():
                         # averaging would double its loss (and eval loss) on 2 processes.
                         average_tokens_across_devices=False)
     recipe, args = parser.parse_args_into_dataclasses()
-    train_set = DigitTokens(recipe.data_dir, train=True, limit=recipe.train_samples)
-    eval_set = DigitTokens(recipe.data_dir, train=False, limit=recipe.eval_samples)
+    try:  # this recipe never downloads: MNIST comes from a folder
+        train_set = DigitTokens(recipe.data_dir, train=True, limit=recipe.train_samples)
+        eval_set = DigitTokens(recipe.data_dir, train=False, limit=recipe.eval_samples)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error} (recipes/mnist.py can download it: run it once online "
+                         "without --data-dir, then pass --data_dir data.)") from None
     torch.manual_seed(args.seed)  # the same initial weights for every optimizer
     model = tiny_bert(recipe, train_set.input_ids.shape[1])
 

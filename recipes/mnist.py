@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 import fwdgrad_plugins
 import mnist_data as data  # recipes/mnist_data.py, beside this script
 import paper_models as models  # recipes/paper_models.py
-from fwdgrad_plugins import ForwardGradientEstimator, local_losses
+from fwdgrad_plugins import ForwardGradientEstimator, counter_rng, local_losses
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 
@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         data.check_mnist(args.data_dir, download=args.download)
     except FileNotFoundError as error:
-        parser.error(str(error))
+        parser.error(f"{error} Or omit both to let torchvision download it into ./data (online).")
     return args
 
 
@@ -149,6 +149,11 @@ def run(args, method, lr, datasets, initial_weights) -> dict:
     if method == "fwdgrad":
         estimator = ForwardGradientEstimator(estimator=args.estimator, tangents=args.tangents,
                                              num_directions=args.num_directions, seed=args.seed)
+    if method == "fwdgrad":
+        built = counter_rng.build_kernels()  # once per process, before the clock starts
+        if built and accelerator.is_main_process:
+            print(f"built the tangent kernel in {built:.1f} s (once per process; not counted "
+                  "in steps per second or in the loss-against-time plot)")
     train_set, test_set = datasets
     resume = newest_checkpoint(Path(args.resume_from) / folder / "checkpoints") if args.resume_from else None
     if args.resume_from and accelerator.is_main_process:
@@ -173,16 +178,30 @@ def describe_device(accelerator) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads/process"
 
 
-def best_runs(runs) -> dict:
-    """Per method, the run with the highest final test accuracy among those that did not diverge
-    (the only run when there was no sweep, diverged or not)."""
-    best = {}
-    for r in runs:
-        current = best.get(r["method"])
-        if current is None or (current["diverged"] and not r["diverged"]) or (
-                not r["diverged"] and r["test_accuracy"] > current["test_accuracy"]):
-            best[r["method"]] = r
+def best_by(items, group, run=lambda item: item) -> dict:
+    """Per ``group(item)``, the item whose ``run(item)`` has the highest final test accuracy
+    among those that did not diverge (the first one if all diverged). The one rule for picking
+    the best run, used by this recipe (per method) and ``mnist_estimators.py`` (per estimator).
+
+    >>> runs = [{"method": "a", "diverged": False, "test_accuracy": 0.5},
+    ...         {"method": "a", "diverged": True, "test_accuracy": float("nan")},
+    ...         {"method": "a", "diverged": False, "test_accuracy": 0.7}]
+    >>> best_by(runs, group=lambda r: r["method"])["a"]["test_accuracy"]
+    0.7
+    """
+    best: dict = {}
+    for item in items:
+        key, candidate = group(item), run(item)
+        current = None if key not in best else run(best[key])
+        if current is None or (current["diverged"] and not candidate["diverged"]) or (
+                not candidate["diverged"] and candidate["test_accuracy"] > current["test_accuracy"]):
+            best[key] = item
     return best
+
+
+def best_runs(runs) -> dict:
+    """Per method, its best run (:func:`best_by`): the only run when there was no sweep."""
+    return best_by(runs, group=lambda r: r["method"])
 
 
 # ---- reporting: table, results.json, plots -------------------------------------------------
@@ -194,7 +213,7 @@ ROWS = [  # (label, key, format)
     ("test accuracy (%)", "test_accuracy", "{:.2%}"),
     ("median time per step (ms)", "median_step_seconds", "{:.2f}"),
     ("steps per second", "steps_per_second", "{:.1f}"),
-    ("peak memory of a step (MiB)", "peak_step_memory_bytes", "{:.2f}"),
+    ("peak memory of a step (MiB, CUDA only)", "peak_step_memory_bytes", "{:.2f}"),
     ("bytes all-reduced per step", "bytes_per_step", "{:,}"),
 ]
 
@@ -225,6 +244,8 @@ def table(best) -> str:
     header = ["", *methods] + (["fwdgrad / backprop"] if len(methods) == 2 else [])
     lines = [header]
     for label, key, fmt in ROWS:
+        if key == "peak_step_memory_bytes" and all(best[m][key] is None for m in methods):
+            continue  # measured on CUDA only
         line = [label, *(cell(best[m], key, fmt) for m in methods)]
         if len(methods) == 2:
             line.append(ratio(best["fwdgrad"][key], best["backprop"][key], key, best["fwdgrad"], best["backprop"]))
@@ -272,7 +293,7 @@ def smooth(values, window=25):
     return out
 
 
-def plot(runs, best, folder: Path) -> None:
+def plot(runs, best, folder: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,6 +308,7 @@ def plot(runs, best, folder: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for run, xs, ys in series:
             ax.plot(xs, ys, label=label(run), color=colour[run["method"]])
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
@@ -296,26 +318,34 @@ def plot(runs, best, folder: Path) -> None:
         plt.close(fig)
 
     shown = list(best.values())
-    curves("loss_vs_step.png", "step", "train loss (moving average of 25)",
-           [(r, [s for s, _, _ in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
-    curves("loss_vs_time.png", "training seconds", "train loss (moving average of 25)",
-           [(r, [t for _, _, t in r["losses"]], smooth([l for _, l, _ in r["losses"]])) for r in shown])
-    curves("accuracy_vs_step.png", "step", "test accuracy",
-           [(r, [s for s, _, _ in r["evaluations"]], [a for _, a, _ in r["evaluations"]]) for r in shown])
+
+    def before(r):
+        """(updates, training seconds) before each logged loss: a step's loss is that of the
+        weights it starts from, so the first is at step 0 and second 0 (losses logged every step)."""
+        return [s - 1 for s, _, _ in r["losses"]], [0.0] + [t for _, _, t in r["losses"][:-1]]
+
+    curves("loss_vs_step.png", "updates", "train loss (moving average of 25)",
+           [(r, before(r)[0], smooth([l for _, l, _ in r["losses"]])) for r in shown])
+    curves("loss_vs_time.png", "training seconds (kernel build and evaluation excluded)",
+           "train loss (moving average of 25)",
+           [(r, before(r)[1], smooth([l for _, l, _ in r["losses"]])) for r in shown])
+    curves("accuracy_vs_step.png", "updates", "test accuracy (%)",
+           [(r, [s for s, _, _ in r["evaluations"]], [100 * a for _, a, _ in r["evaluations"]]) for r in shown])
     if len({r["lr"] for r in runs}) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in [m for m in colour if any(r["method"] == m for r in runs)]:
             mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["lr"])
             ok = [r for r in mine if not r["diverged"]]
-            ax.plot([r["lr"] for r in ok], [r["test_accuracy"] for r in ok], "o-", label=method,
+            ax.plot([r["lr"] for r in ok], [100 * r["test_accuracy"] for r in ok], "o-", label=method,
                     color=colour[method])
             bad = [r["lr"] for r in mine if r["diverged"]]
             if bad:
                 ax.plot(bad, [0.0] * len(bad), "x", color=colour[method], markersize=10,
                         label=f"{method}: diverged")
         ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("final test accuracy")
+        ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -330,9 +360,19 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
                          f"{state.num_processes} processes: pass a multiple of {state.num_processes}.")
     # The first process downloads when needed, the others then read the files.
-    with state.main_process_first():
-        datasets = (data.mnist(args.data_dir, train=True, limit=args.train_limit, download=args.download),
-                    data.mnist(args.data_dir, train=False, limit=args.test_limit, download=args.download))
+    try:
+        with state.main_process_first():
+            datasets = (data.mnist(args.data_dir, train=True, limit=args.train_limit, download=args.download),
+                        data.mnist(args.data_dir, train=False, limit=args.test_limit, download=args.download))
+    except (ConnectionError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if state.is_main_process:
+        steps = min(args.max_steps or math.inf, args.epochs * (len(datasets[0]) // args.batch_size))
+        runs = sum(len(rates) for rates in args.grid.values())
+        print(f"{runs} run(s) ({', '.join(f'{m} at lr {r:g}' for m, rates in args.grid.items() for r in rates)}), "
+              f"{steps} steps each ({args.epochs} epoch(s) of {len(datasets[0])} images at batch "
+              f"{args.batch_size}), testing on {len(datasets[1])} images every {args.eval_every} steps; "
+              "each run says how long it has left after 20 steps.")
     torch.manual_seed(args.seed)
     initial_weights = {k: v.clone() for k, v in MODELS[args.model]().state_dict().items()}
     runs = [run(args, method, lr, datasets, initial_weights)
@@ -354,7 +394,11 @@ def main(argv=None) -> None:
           + (": nothing is communicated on one process" if n == 1 else ""))
     print(table(best))
     write_results(args, runs, best, folder)
-    plot(runs, best, folder)
+    epochs = f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+    if args.max_steps:
+        epochs += f", at most {args.max_steps} steps"
+    plot(runs, best, folder, title=f"MNIST, paper {args.model.upper()}, {epochs}, seed {args.seed}, "
+                                   f"batch {args.batch_size}, {args.optimizer.upper()}")
     print(f"wrote {folder / 'results.json'} and plots to {folder}")
 
 

@@ -76,18 +76,13 @@ def load(folders) -> list[dict]:
 
 
 def best_per_estimator(rows) -> list[dict]:
-    """Per estimator (number of local groups, tangents), the run with the lowest final test error
-    among those that did not diverge: the best learning rate of a sweep run as one folder per
-    learning rate."""
-    best: dict = {}
-    for row in rows:
-        key = (row["label"], row["config"].get("local_groups", 1) if row["label"] == "local-activity" else 1,
-               row["config"].get("tangents"))
-        run, current = row["run"], best.get(key)
-        if current is None or (current["run"]["diverged"] and not run["diverged"]) or (
-                not run["diverged"] and run["test_accuracy"] > current["run"]["test_accuracy"]):
-            best[key] = row
-    return list(best.values())
+    """Per estimator (number of local groups, tangents), the best run (``mnist.best_by``): the
+    best learning rate of a sweep run as one folder per learning rate."""
+    def estimator(row):
+        groups = row["config"].get("local_groups", 1) if row["label"] == "local-activity" else 1
+        return row["label"], groups, row["config"].get("tangents")
+
+    return list(mnist.best_by(rows, group=estimator, run=lambda row: row["run"]).values())
 
 
 def settings(row) -> str:

@@ -90,7 +90,7 @@ def test_trackers_record_losses_evaluations_and_configuration(tmp_path):
     assert records[0] == {"config": {"lr": 0.1}}
     logged = {r["step"]: r["fwdgrad/train_loss"] for r in records if "fwdgrad/train_loss" in r}
     assert logged == {s: pytest.approx(loss) for s, loss, _ in result.losses}
-    assert [r["step"] for r in records if "fwdgrad/test_accuracy" in r] == [2, 4]
+    assert [r["step"] for r in records if "fwdgrad/test_accuracy" in r] == [0, 2, 4]  # step 0 too
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,name,value" and sum(",fwdgrad/train_loss," in row for row in rows) == 4
 
