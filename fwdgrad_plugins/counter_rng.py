@@ -37,6 +37,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -187,8 +188,15 @@ def _build(kernel: Kernel) -> Callable[[Tensor, int], Tensor]:
     # a large example count: inductor sizes its threading for it (a small one gives one thread)
     example = [torch.zeros(5, dtype=torch.int32), torch.empty(1 << 14, 0)]
     graph = make_fx(traced, tracing_mode="symbolic")(*example)
-    with inductor_config.patch(compile_threads=1):
-        built = torch._inductor.standalone_compile(graph, example, dynamic_shapes="from_graph")
+    # torch.utils.cpp_extension logs "No CUDA runtime is found" on a CPU-only machine: noise here
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with inductor_config.patch(compile_threads=1):
+            built = torch._inductor.standalone_compile(graph, example, dynamic_shapes="from_graph")
+    finally:
+        quiet.setLevel(level)
     return lambda state, units: built(state, torch.empty(units, 0))
 
 
