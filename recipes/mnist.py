@@ -160,7 +160,7 @@ def run(args, method, lr, datasets, initial_weights) -> dict:
     built = 0.0
     if method == "fwdgrad":
         built = counter_rng.build_kernels()  # once per process, before the clock starts
-        if built and accelerator.is_main_process:
+        if built > 0.1 and accelerator.is_main_process:  # not again for a sweep's later runs
             print(f"built the tangent kernel in {built:.1f} s (once per process; not counted "
                   "in steps per second or in the loss-against-time plot)")
     train_set, test_set = datasets
