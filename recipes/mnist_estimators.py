@@ -133,6 +133,11 @@ def plot(rows, path: Path) -> None:
         ax.plot([s / row["steps_per_epoch"] for s in steps], errors, label=f"{row['label']} ({settings(row)})")
     ax.axhline(3.0, color="grey", linestyle=":", linewidth=1, label="3% target")
     ax.set_yscale("log")
+    configs = [row["config"] for row in rows]
+    steps = max(row["run"]["steps"] for row in rows)
+    ax.set_title(f"MNIST, paper {configs[0]['model'].upper()}, up to {steps} steps, batch "
+                 f"{configs[0]['batch_size']}, seed {', '.join(sorted({str(c['seed']) for c in configs}))}",
+                 fontsize=10)
     ax.set_xlabel("epoch")
     ax.set_ylabel("MNIST test error (%)")
     ax.grid(alpha=0.3, which="both")
