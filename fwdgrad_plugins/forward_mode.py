@@ -35,8 +35,10 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad_plugins.closure_context import module_path, run_closure, unsupported_op_fix
 from fwdgrad_plugins.errors import (
     BackwardInClosureError,
+    ForwardGradientError,
     LossNotScalarError,
     ParametersNotUsedError,
     UnsupportedOperationError,
@@ -311,11 +313,12 @@ def _forward_ad_errors():
             hint in message for hint in _MISSING_RULE_HINTS
         ):
             raise
+        op, fix = unsupported_op_fix(message)
+        where = module_path(error)
         raise UnsupportedOperationError(
-            f"an operation in the closure has no forward-mode AD rule: {message.strip()}\n"
-            "Fixes: use an equivalent op that has one (for attention, the math SDPA backend "
-            "or attn_implementation='eager'), or wrap the op in a torch.autograd.Function "
-            "that defines jvp()."
+            f"{op or 'an operation'} in the closure"
+            + (f", run by module {where}," if where else "")
+            + f" has no forward-mode AD rule: {message.strip()}\nFix: {fix}."
         ) from error
 
 
@@ -388,7 +391,7 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
             freeze_running_stats=freeze_running_stats,
         )
         with mode:
-            loss = _check_loss(closure())
+            loss = _check_loss(run_closure(closure, mode.used))
         primal, tangent = fwAD.unpack_dual(loss)
         derivative = torch.zeros((), dtype=torch.float32) if tangent is None else tangent.float()
     return _result(primal, derivative.reshape(1), params, [mode])
@@ -403,7 +406,7 @@ def _many_directions(closure, params, tangents):
         rng_state = torch.get_rng_state()
         try:
             return _vmapped_directions(closure, params, tangents)
-        except (BackwardInClosureError, LossNotScalarError):
+        except ForwardGradientError:
             raise
         except Exception:
             # torch.func refuses some models, e.g. BatchNorm updating its running statistics
@@ -429,7 +432,7 @@ def _vmapped_directions(closure, params, tangents):
                 dual_tensors=False,
             )
             with mode:
-                loss = _check_loss(closure())
+                loss = _check_loss(run_closure(closure, mode.used))
             modes.append(mode)
             return loss
 
