@@ -90,8 +90,8 @@ def tiny_hf_vit(attn_implementation):
     return model, closure, closure
 
 
-def classifier(model, x, classes):
-    y = torch.randint(0, classes, (x.shape[0],))
+def classifier(model, x, classes, batch_dim=0):
+    y = torch.randint(0, classes, (x.shape[batch_dim],))
     closure = lambda: F.cross_entropy(model(x), y)
     return model, closure, closure
 
@@ -167,23 +167,28 @@ class Mlp(nn.Module):
 
 
 def compiled(build, how):
-    """``build``'s model, called compiled in the closure: the module (an OptimizedModule) or
-    a compiled function calling it."""
+    """``build()``'s model (an nn.Module), called compiled in the closure: the module (an
+    OptimizedModule) or a compiled function calling it."""
 
     def build_compiled():
-        model, _, _ = build()
-        x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
-        if build is tiny_gpt2:
-            ids = torch.randint(0, 30, (2, 8))
-            call = torch.compile(model) if how == "module" else torch.compile(lambda: model(input_ids=ids, labels=ids))
-            closure = (lambda: call(input_ids=ids, labels=ids).loss) if how == "module" else (lambda: call().loss)
-            return model, closure, _lm_loss(model, ids)
-        if build is Mlp:
-            x = torch.randn(4, 6)
-        else:
-            x = torch.randn(2, 1, 8, 8)
+        model = build()
+        x = torch.randn(4, 6) if isinstance(model, Mlp) else torch.randn(2, 1, 8, 8)
+        y = torch.randint(0, 3, (4 if isinstance(model, Mlp) else 2,))
         call = torch.compile(model) if how == "module" else torch.compile(lambda inputs: model(inputs))
         return model, (lambda: F.cross_entropy(call(x), y)), (lambda: F.cross_entropy(model(x), y))
+
+    return build_compiled
+
+
+def compiled_gpt2(how):
+    def build_compiled():
+        model, _, reference = tiny_gpt2()
+        ids = torch.randint(0, 30, (2, 8))
+        if how == "module":
+            call = torch.compile(model)
+            return model, (lambda: call(input_ids=ids, labels=ids).loss), _lm_loss(model, ids)
+        call = torch.compile(lambda: model(input_ids=ids, labels=ids).loss)
+        return model, call, _lm_loss(model, ids)
 
     return build_compiled
 
@@ -205,7 +210,7 @@ FAMILIES = {
     "gru": lambda: classifier(Recurrent(nn.GRU), torch.randn(3, 4, 5), 3),
     "lstm": lambda: classifier(Recurrent(nn.LSTM), torch.randn(3, 4, 5), 3),
     "multihead_attention": lambda: classifier(SelfAttention(True), torch.randn(3, 5, 8), 3),
-    "multihead_attention_seq_first": lambda: classifier(SelfAttention(False), torch.randn(5, 3, 8), 3),
+    "multihead_attention_seq_first": lambda: classifier(SelfAttention(False), torch.randn(5, 3, 8), 3, batch_dim=1),
     "transformer_encoder": lambda: classifier(Encoder(), torch.randn(3, 5, 8), 3),
     "torchvision_vit": torchvision_vit,
     "lora_gpt2": lora(tiny_gpt2),
@@ -213,8 +218,8 @@ FAMILIES = {
     "compiled_mlp": compiled(Mlp, "module"),
     "compiled_mlp_function": compiled(Mlp, "function"),
     "compiled_cnn": compiled(cnn, "module"),
-    "compiled_gpt2": compiled(tiny_gpt2, "module"),
-    "compiled_gpt2_function": compiled(tiny_gpt2, "function"),
+    "compiled_gpt2": compiled_gpt2("module"),
+    "compiled_gpt2_function": compiled_gpt2("function"),
 }
 
 
