@@ -32,9 +32,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad_plugins import attention
 from fwdgrad_plugins.closure_context import module_path, run_closure, unsupported_op_fix
 from fwdgrad_plugins.errors import (
     BackwardInClosureError,
@@ -123,9 +123,8 @@ class _PerturbParameters(TorchFunctionMode):
                 return args[0]  # a step counter such as BatchNorm's num_batches_tracked
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
-        if func is F.scaled_dot_product_attention:
-            with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no forward-mode rule
-                return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:  # closure_context() selects the math kernel
+            return attention.scaled_dot_product_attention(*args, single_direction=self.dual_tensors, **kwargs)
         return func(*args, **kwargs)
 
     def _embedding(self, input, weight, padding_idx=None, max_norm=None, *rest, **kwargs):
