@@ -53,6 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
+from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents import RankOne, TangentSampler, derive_seed
 
@@ -322,13 +323,10 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
         grads[index] = value if grads[index] is None else grads[index].add_(value)
 
     derivatives, used, loss = [], set(), None
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    rng_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+    rng_state = RngState(params)
     for k in range(num_directions):
         if k > 0:  # every pass draws the same dropout mask
-            torch.set_rng_state(rng_states[0])
-            for device, state in zip(devices, rng_states[1]):
-                torch.cuda.set_rng_state(state, device)
+            rng_state.restore()
 
         def activity_tangent(call, primal):
             if call not in activity_cache:

@@ -25,6 +25,9 @@ tensor([8.])
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -33,6 +36,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fwdgrad_plugins import attention
 from fwdgrad_plugins.closure_context import module_path, run_closure, unsupported_op_fix
@@ -43,6 +47,7 @@ from fwdgrad_plugins.errors import (
     ParametersNotUsedError,
     UnsupportedOperationError,
 )
+from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.tangents import RankOne, Tangent, cast
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
@@ -396,23 +401,51 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
     return _result(primal, derivative.reshape(1), params, [mode])
 
 
-_NOT_VMAPPABLE: set[tuple[int, ...]] = set()  # parameter sets whose closure vmap refused
+class _Fallbacks:
+    """The parameter sets whose closure ``torch.func.vmap`` refused, held by weak references:
+    an entry goes with its model, so a later model can never inherit it (as it could an
+    ``id()``)."""
+
+    def __init__(self):
+        self._by_first = WeakIdKeyDictionary()  # params[0] -> weak refs to all params
+
+    def __contains__(self, params) -> bool:
+        refs = self._by_first.get(params[0])
+        return refs is not None and len(refs) == len(params) and all(r() is p for r, p in zip(refs, params))
+
+    def add(self, params) -> None:
+        self._by_first[params[0]] = [weakref.ref(p) for p in params]
+
+
+_NOT_VMAPPABLE = _Fallbacks()
 
 
 def _many_directions(closure, params, tangents):
-    key = tuple(map(id, params))
-    if key not in _NOT_VMAPPABLE:
-        rng_state = torch.get_rng_state()
+    if tuple(params) not in _NOT_VMAPPABLE:
+        rng_state = RngState(params)
         try:
             return _vmapped_directions(closure, params, tangents)
         except ForwardGradientError:
             raise
-        except Exception:
+        except Exception as error:
             # torch.func refuses some models, e.g. BatchNorm updating its running statistics
             # in place; those take one pass per direction from now on.
-            _NOT_VMAPPABLE.add(key)
-            torch.set_rng_state(rng_state)
+            _NOT_VMAPPABLE.add(tuple(params))
+            rng_state.restore()
+            _warn_fallback(error)
     return _sequential_directions(closure, params, tangents)
+
+
+def _warn_fallback(error: Exception) -> None:
+    op = re.search(r"\((aten::[\w.]+)\)", str(error))
+    where = module_path(error)
+    warnings.warn(
+        f"torch.func.vmap refused {op.group(1) if op else 'an op'}"
+        + (f" in module {where}" if where else "")
+        + f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); this model's K "
+        "directions run as K forward passes from now on: the same derivatives, more time.",
+        RuntimeWarning, stacklevel=4,
+    )
 
 
 def _vmapped_directions(closure, params, tangents):
@@ -445,15 +478,11 @@ def _vmapped_directions(closure, params, tangents):
 
 
 def _sequential_directions(closure, params, tangents):
-    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
-    rng_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    rng_state = RngState(params)
     results = []
     for k in range(_num_directions(tangents)):
         # Every pass starts from the same RNG state, so dropout draws one mask for all.
-        torch.set_rng_state(rng_state)
-        for device, state in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(state, device)
+        rng_state.restore()
         direction = [_direction(t, k) for t in tangents]
         results.append(_single_direction(closure, params, direction, freeze_running_stats=k > 0))
     return DirectionalDerivatives(
