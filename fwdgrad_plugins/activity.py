@@ -48,13 +48,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fwdgrad_plugins.closure_context import closure_context
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
-from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.tangents import RankOne, TangentSampler, derive_seed
 
 
@@ -343,7 +343,7 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
 
         mode = _PerturbActivities(layer_weights, activity_tangent, weight_tangent, trained,
                                   freeze_running_stats or k > 0)
-        with torch.no_grad(), _forward_ad_errors(), sdpa_kernel([SDPBackend.MATH]), fwAD.dual_level():
+        with torch.no_grad(), _forward_ad_errors(), closure_context(), fwAD.dual_level():
             with mode:
                 returned = closure()
             if not isinstance(returned, Tensor):
