@@ -1,9 +1,9 @@
 """HuggingFace ``Trainer`` with forward gradients: ``FwdGradTrainer`` and ``--optim fwdgrad``.
 
 ``FwdGradTrainingArguments`` accepts ``optim="fwdgrad"`` and the ``fwdgrad_*`` options below;
-``FwdGradTrainer`` replaces ``accelerator.backward(loss)`` by
-``ForwardGradientEstimator.backward(closure)`` in ``training_step`` and keeps the rest of
-``Trainer``: the inner optimizer (``--fwdgrad_inner_optim``, built by Trainer from
+``FwdGradTrainer`` runs Trainer's own ``training_step`` with ``compute_loss`` as the closure
+of ``ForwardGradientEstimator.backward`` (the estimate takes backward's place) and keeps the
+rest of ``Trainer``: the inner optimizer (``--fwdgrad_inner_optim``, built by Trainer from
 ``--learning_rate``, ``--weight_decay``, ``--adam_*`` and ``--optim_args``), LR schedulers,
 ``max_grad_norm`` (the estimate sits in ``.grad``), evaluation, logging and checkpoints.
 
@@ -295,11 +295,12 @@ class FwdGradTrainer(Trainer):
             return
         self._warned_clipping = True
         warnings.warn(
-            f"--max_grad_norm {limit:g} clipped the forward-gradient estimate (norm {grad_norm:.3g}); "
-            "an estimate's norm is about sqrt(number of parameters) times the gradient's, so this "
-            "clips every step and training may not learn. Pass --max_grad_norm 0 (no clipping) or a "
-            "value above the logged grad_norm; with --fwdgrad_inner_optim adamw_torch use a learning "
-            "rate around 1e-3 to 1e-2 (SGD needs one scaled to the estimate's norm).",
+            f"--max_grad_norm {limit:g} clipped the forward-gradient estimate (norm {grad_norm:.3g}): an "
+            "estimate's norm is about sqrt(number of parameters) times the gradient's, so this threshold "
+            "clips every step, and with SGD every update shrinks to it and training may not move. Pass "
+            "--max_grad_norm 0 (no clipping) or a value above the logged grad_norm. (Adam-type inner "
+            "optimizers are nearly unaffected by the scale: --fwdgrad_inner_optim adamw_torch with a "
+            "learning rate of 1e-3 to 1e-2 learns.)",
             UserWarning, stacklevel=2,
         )
 

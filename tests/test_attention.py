@@ -89,3 +89,25 @@ def test_dropout_takes_the_math_kernel(monkeypatch):
     result = directional_derivatives(
         lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5).sum(), params, [torch.ones(1, *q.shape)])
     assert result.derivatives.shape == (1,)
+
+
+def test_the_benchmark_command_writes_its_table_plot_and_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    files = {kind: tmp_path / f"attention.{kind}" for kind in ("json", "png", "md")}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/attention.py", "--length", "48", "--block-size", "16", "--width", "16",
+         "--layers", "1", "--repeats", "2", "--threads", "1", "--json", str(files["json"]),
+         "--plot", str(files["png"]), "--markdown", str(files["md"])],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(files["json"].read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"math", "blocked"} and rows["math"]["memory_vs_math"] == 1.0
+    assert all(r["median_ms"] > 0 and r["peak_above_resting_bytes"] >= 0 for r in rows.values())
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| blocked |" in files["md"].read_text() and "| blocked |" in done.stdout
