@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Callable, Collection, Optional
 
 import torch
@@ -73,7 +74,10 @@ class _ModuleStack:
         pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
         post = nn.modules.module.register_module_forward_hook(self._leave)
         try:
-            yield self
+            with warnings.catch_warnings():
+                # A compiled module warns that global hooks see it and its _orig_mod: path() knows.
+                warnings.filterwarnings("ignore", "Using `torch.compile\\(module\\)` when there are global hooks")
+                yield self
         finally:
             pre.remove()
             post.remove()

@@ -25,9 +25,6 @@ tensor([8.])
 from __future__ import annotations
 
 import contextlib
-import re
-import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -36,7 +33,6 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from fwdgrad_plugins import attention
 from fwdgrad_plugins.closure_context import module_path, run_closure, unsupported_op_fix
@@ -49,6 +45,7 @@ from fwdgrad_plugins.errors import (
 )
 from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.tangents import RankOne, Tangent, cast
+from fwdgrad_plugins.vmap_fallback import Refusals, warn_fallback
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -401,23 +398,7 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
     return _result(primal, derivative.reshape(1), params, [mode])
 
 
-class _Fallbacks:
-    """The parameter sets whose closure ``torch.func.vmap`` refused, held by weak references:
-    an entry goes with its model, so a later model can never inherit it (as it could an
-    ``id()``)."""
-
-    def __init__(self):
-        self._by_first = WeakIdKeyDictionary()  # params[0] -> weak refs to all params
-
-    def __contains__(self, params) -> bool:
-        refs = self._by_first.get(params[0])
-        return refs is not None and len(refs) == len(params) and all(r() is p for r, p in zip(refs, params))
-
-    def add(self, params) -> None:
-        self._by_first[params[0]] = [weakref.ref(p) for p in params]
-
-
-_NOT_VMAPPABLE = _Fallbacks()
+_NOT_VMAPPABLE = Refusals()  # models whose K directions run as K passes
 
 
 def _many_directions(closure, params, tangents):
@@ -432,20 +413,8 @@ def _many_directions(closure, params, tangents):
             # in place; those take one pass per direction from now on.
             _NOT_VMAPPABLE.add(tuple(params))
             rng_state.restore()
-            _warn_fallback(error)
+            warn_fallback(error, module_path(error))
     return _sequential_directions(closure, params, tangents)
-
-
-def _warn_fallback(error: Exception) -> None:
-    op = re.search(r"\((aten::[\w.]+)\)", str(error))
-    where = module_path(error)
-    warnings.warn(
-        f"torch.func.vmap refused {op.group(1) if op else 'an op'}"
-        + (f" in module {where}" if where else "")
-        + f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); this model's K "
-        "directions run as K forward passes from now on: the same derivatives, more time.",
-        RuntimeWarning, stacklevel=4,
-    )
 
 
 def _vmapped_directions(closure, params, tangents):

@@ -50,6 +50,6 @@ def test_the_decision_goes_with_the_model():
     assert tuple(model.parameters()) in forward_mode._NOT_VMAPPABLE
     del model
     gc.collect()
-    assert len(forward_mode._NOT_VMAPPABLE._by_first) == 0
+    assert len(forward_mode._NOT_VMAPPABLE) == 0
     with pytest.warns(RuntimeWarning, match="vmap refused"):  # a new model is tried afresh
         run(batchnorm_dropout_net(), x)
