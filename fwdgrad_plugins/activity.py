@@ -49,7 +49,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad_plugins.closure_context import closure_context
+from fwdgrad_plugins.closure_context import closure_context, loss_without_tangent
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
@@ -361,8 +361,8 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
                     "needs the batch first in every linear and conv2d output.")
             parts = mode.per_example_parts(returned, batch_size, groups)
             primal_parts, tangent_parts = fwAD.unpack_dual(parts)
-            if tangent_parts is None:
-                tangent_parts = torch.zeros_like(primal_parts)
+            if tangent_parts is None:  # no perturbed layer reached the loss
+                raise loss_without_tangent()
         per_example = tangent_parts.float() / num_directions  # (B, G): d_bg / K
         if loss is None:
             loss = primal_parts.sum().detach()

@@ -119,14 +119,19 @@ def run_closure(closure: Callable[[], Tensor], used: Collection = ()):
     with closure_context():
         loss = closure()
     if used and isinstance(loss, Tensor) and fwAD.unpack_dual(loss).tangent is None:
-        raise LossWithoutTangentError(
-            "the loss carries no tangent: none of the parameters being trained reached it, so "
-            "its directional derivative is undefined (backprop would raise 'element 0 of "
-            "tensors does not require grad'). Check that the closure calls the model whose "
-            "parameters are trained and does not cut the path to the loss with .detach(), "
-            ".item(), .numpy(), argmax or integer casts."
-        )
+        raise loss_without_tangent()
     return loss
+
+
+def loss_without_tangent() -> LossWithoutTangentError:
+    """The error for a loss that no trained parameter reached (backprop's "does not require grad")."""
+    return LossWithoutTangentError(
+        "the loss carries no tangent: none of the parameters being trained reached it, so "
+        "its directional derivative is undefined (backprop would raise 'element 0 of "
+        "tensors does not require grad'). Check that the closure calls the model whose "
+        "parameters are trained and does not cut the path to the loss with .detach(), "
+        ".item(), .numpy(), argmax or integer casts."
+    )
 
 
 def module_path(error: BaseException) -> Optional[str]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwdgrad_plugins import ForwardGradient, LossWithoutTangentError, UnsupportedOperationError
+from fwdgrad_plugins.activity import PerExampleLossError
 from fwdgrad_plugins.closure_context import unsupported_op_fix
 
 
@@ -54,14 +55,19 @@ LOSSES_WITHOUT_TANGENT = {
 }
 
 
+@pytest.mark.parametrize("estimator", ["weight", "activity"])
 @pytest.mark.parametrize("num_directions", [1, 3])
 @pytest.mark.parametrize("case", list(LOSSES_WITHOUT_TANGENT))
-def test_a_loss_without_tangent_raises_and_changes_nothing(case, num_directions):
+def test_a_loss_without_tangent_raises_and_changes_nothing(case, num_directions, estimator):
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1), num_directions=num_directions)
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1), num_directions=num_directions,
+                          estimator=estimator)
     before = snapshot(model)
-    with pytest.raises(LossWithoutTangentError, match="carries no tangent.*detach"):
+    error, match = LossWithoutTangentError, "carries no tangent.*detach"
+    if estimator == "activity" and case != "detached output":  # refused first by its own check
+        error, match = PerExampleLossError, "one loss per example"
+    with pytest.raises(error, match=match):
         opt.step(lambda: LOSSES_WITHOUT_TANGENT[case](model, x, y))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and opt.estimator.step == 0
