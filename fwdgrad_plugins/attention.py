@@ -135,7 +135,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if flash is not None and single_direction and q.is_cuda and q.shape == k.shape == v.shape and not enable_gqa:
         mask = None if attn_mask is None else attn_mask.expand(*q.shape[:-1], k.shape[-2])
         return flash(query, key, value, attn_mask=mask, causal=is_causal, sm_scale=scale)
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # the running sums in float32, as flash kernels keep them
+        q, k, v, q_t, k_t, v_t = (None if t is None else t.float() for t in (q, k, v, q_t, k_t, v_t))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.float()
     out, out_t = attention_jvp(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, enable_gqa)
+    out, out_t = out.to(dtype), None if out_t is None else out_t.to(dtype)
     return out if out_t is None else fwAD.make_dual(out, out_t)
 
 

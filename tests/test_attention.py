@@ -111,3 +111,23 @@ def test_the_benchmark_command_writes_its_table_plot_and_json(tmp_path):
     assert all(r["median_ms"] > 0 and r["peak_above_resting_bytes"] >= 0 for r in rows.values())
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| blocked |" in files["md"].read_text() and "| blocked |" in done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_accumulates_in_float32(dtype, monkeypatch):
+    """Through the dual-tensor entry point, bf16/fp16 inputs: as close to the float64 jvp as
+    the math kernel's own half-precision jvp is."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(attention, "BLOCK_SIZE", 4)
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    exact = math_jvp(q, k, v, tangents, is_causal=True)
+    half = [t.to(dtype) for t in (q, k, v)]
+    theirs = math_jvp(*half, tuple(t.to(dtype) for t in tangents), is_causal=True)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t.to(dtype)) for p, t in zip(half, tangents)]
+        ours = fwAD.unpack_dual(attention.scaled_dot_product_attention(*duals, is_causal=True, single_direction=True))
+    for mine, math_kernel, want in zip(ours, theirs, exact):
+        assert mine.dtype == dtype
+        assert (mine.double() - want).abs().max() <= (math_kernel.double() - want).abs().max() * 1.5 + 1e-3
