@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import warnings
 from typing import Callable, Collection, Optional
 
@@ -47,9 +48,11 @@ MODULE_PATH = "fwdgrad_module_path"  # the attribute an error raised in a closur
 class _ModuleStack:
     """The chain of modules running now, outermost first, kept by global forward hooks.
 
-    A module that raises never reaches its forward hook, so after an error the stack still
-    holds the chain from the outermost module to the one that raised. Recurrent modules run
-    with oneDNN off (their oneDNN kernel, ``mkldnn_rnn_layer``, has no forward-mode rule).
+    The post-hook runs even when a module raises (``always_call``): the first module it sees
+    leave with an exception in flight is the innermost one, and the path to it is recorded
+    on the exception. So the stack stays right when the closure catches an error and goes on.
+    Recurrent modules run with oneDNN off (their oneDNN kernel, ``mkldnn_rnn_layer``, has no
+    forward-mode rule).
     """
 
     def __init__(self):
@@ -63,6 +66,9 @@ class _ModuleStack:
             torch.backends.mkldnn.enabled = False
 
     def _leave(self, module, args, output):
+        error = sys.exc_info()[1] if output is None else None
+        if error is not None and getattr(error, MODULE_PATH, None) is None:
+            setattr(error, MODULE_PATH, self.path())
         if self.modules and self.modules[-1] is module:
             self.modules.pop()
         if isinstance(module, nn.RNNBase) and self._mkldnn:
@@ -72,7 +78,7 @@ class _ModuleStack:
     def tracking(self):
         mkldnn = torch.backends.mkldnn.enabled
         pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
-        post = nn.modules.module.register_module_forward_hook(self._leave)
+        post = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
         try:
             with warnings.catch_warnings():
                 # A compiled module warns that global hooks see it and its _orig_mod: path() knows.
@@ -81,7 +87,7 @@ class _ModuleStack:
         finally:
             pre.remove()
             post.remove()
-            torch.backends.mkldnn.enabled = mkldnn  # an RNN that raised never restored it
+            torch.backends.mkldnn.enabled = mkldnn
 
     def path(self) -> Optional[str]:
         """The innermost running module's path from the outermost, with its class; None
@@ -91,8 +97,8 @@ class _ModuleStack:
         root, innermost = self.modules[0], self.modules[-1]
         name = next((n for n, m in root.named_modules(remove_duplicate=False) if m is innermost), "")
         name = name.replace("_orig_mod.", "").removeprefix("_orig_mod")  # torch.compile's wrapper
-        where = name or "the outermost module"
-        return f"{where} ({type(innermost).__name__})"
+        kind = type(innermost).__name__
+        return f"{name} ({kind})" if name else f"{kind} (the outermost module)"
 
 
 @contextlib.contextmanager
@@ -102,14 +108,8 @@ def closure_context():
     An exception leaving the block carries the path of the module that raised it in its
     ``fwdgrad_module_path`` attribute (see :func:`module_path`).
     """
-    stack = _ModuleStack()
-    with torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), stack.tracking():
-        try:
-            yield
-        except Exception as error:
-            if getattr(error, MODULE_PATH, None) is None:
-                setattr(error, MODULE_PATH, stack.path())
-            raise
+    with torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), _ModuleStack().tracking():
+        yield
 
 
 def run_closure(closure: Callable[[], Tensor], used: Collection = ()):

@@ -114,3 +114,21 @@ def test_rnn_kernels_are_restored_after_an_error():
     with pytest.raises(RuntimeError, match="stop"):
         ForwardGradient(torch.optim.SGD(lstm.parameters(), lr=0.1)).step(closure)
     assert torch.backends.mkldnn.enabled == enabled
+
+
+def test_an_error_caught_inside_the_closure_does_not_confuse_the_module_path():
+    class Tolerant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fails, self.after = Block(), Net()
+
+        def forward(self, x):
+            try:
+                self.fails(x)
+            except (RuntimeError, NotImplementedError):
+                pass  # the model recovers: the module path must not still point into self.fails
+            return NoJvp.apply(self.after.head(x))
+
+    model, x = Tolerant(), torch.randn(2, 4)
+    with pytest.raises(UnsupportedOperationError, match=r"run by module Tolerant \(the outermost module\)"):
+        ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1)).step(lambda: model(x).sum())
