@@ -11,6 +11,7 @@ from fwdgrad_plugins.errors import (
     BackwardInClosureError,
     ForwardGradientError,
     LossNotScalarError,
+    LossWithoutTangentError,
     NonFiniteDirectionalDerivativeError,
     ParametersNotUsedError,
     UnsupportedOperationError,
@@ -38,7 +39,7 @@ def __getattr__(name):
 
 __all__ = [
     "BackwardInClosureError", "Estimate", "ForwardGradient", "ForwardGradientError",
-    "ForwardGradientEstimator", "LossNotScalarError", "NonFiniteDirectionalDerivativeError",
+    "ForwardGradientEstimator", "LossNotScalarError", "LossWithoutTangentError", "NonFiniteDirectionalDerivativeError",
     "ParametersNotUsedError", "UnknownNameError", "UnsupportedOperationError",
     "directional_derivatives", "get", "hookimpl", "registered",
 ]

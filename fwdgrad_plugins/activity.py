@@ -48,12 +48,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fwdgrad_plugins.closure_context import closure_context, loss_without_tangent
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
 from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.tangents import RankOne, TangentSampler, derive_seed
 
 
@@ -322,13 +323,10 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
         grads[index] = value if grads[index] is None else grads[index].add_(value)
 
     derivatives, used, loss = [], set(), None
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    rng_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+    rng_state = RngState(params)
     for k in range(num_directions):
         if k > 0:  # every pass draws the same dropout mask
-            torch.set_rng_state(rng_states[0])
-            for device, state in zip(devices, rng_states[1]):
-                torch.cuda.set_rng_state(state, device)
+            rng_state.restore()
 
         def activity_tangent(call, primal):
             if call not in activity_cache:
@@ -345,7 +343,7 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
 
         mode = _PerturbActivities(layer_weights, activity_tangent, weight_tangent, trained,
                                   freeze_running_stats or k > 0)
-        with torch.no_grad(), _forward_ad_errors(), sdpa_kernel([SDPBackend.MATH]), fwAD.dual_level():
+        with torch.no_grad(), _forward_ad_errors(), closure_context(), fwAD.dual_level():
             with mode:
                 returned = closure()
             if not isinstance(returned, Tensor):
@@ -363,8 +361,8 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
                     "needs the batch first in every linear and conv2d output.")
             parts = mode.per_example_parts(returned, batch_size, groups)
             primal_parts, tangent_parts = fwAD.unpack_dual(parts)
-            if tangent_parts is None:
-                tangent_parts = torch.zeros_like(primal_parts)
+            if tangent_parts is None:  # no perturbed layer reached the loss
+                raise loss_without_tangent()
         per_example = tangent_parts.float() / num_directions  # (B, G): d_bg / K
         if loss is None:
             loss = primal_parts.sum().detach()

@@ -23,3 +23,8 @@ class ParametersNotUsedError(ForwardGradientError, ValueError):
 
 class NonFiniteDirectionalDerivativeError(ForwardGradientError, FloatingPointError):
     """A directional derivative was NaN or infinite."""
+
+
+class LossWithoutTangentError(ParametersNotUsedError):
+    """The loss carries no tangent: no parameter being trained reached it (a detached
+    output, an argmax), so its directional derivative would be a silent zero."""

@@ -32,16 +32,20 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad_plugins import attention
+from fwdgrad_plugins.closure_context import module_path, run_closure, unsupported_op_fix
 from fwdgrad_plugins.errors import (
     BackwardInClosureError,
+    ForwardGradientError,
     LossNotScalarError,
     ParametersNotUsedError,
     UnsupportedOperationError,
 )
+from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.tangents import RankOne, Tangent, cast
+from fwdgrad_plugins.vmap_fallback import Refusals, warn_fallback
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -121,9 +125,8 @@ class _PerturbParameters(TorchFunctionMode):
                 return args[0]  # a step counter such as BatchNorm's num_batches_tracked
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
-        if func is F.scaled_dot_product_attention:
-            with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no forward-mode rule
-                return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:  # closure_context() selects the math kernel
+            return attention.scaled_dot_product_attention(*args, single_direction=self.dual_tensors, **kwargs)
         return func(*args, **kwargs)
 
     def _embedding(self, input, weight, padding_idx=None, max_norm=None, *rest, **kwargs):
@@ -311,11 +314,12 @@ def _forward_ad_errors():
             hint in message for hint in _MISSING_RULE_HINTS
         ):
             raise
+        op, fix = unsupported_op_fix(message)
+        where = module_path(error)
         raise UnsupportedOperationError(
-            f"an operation in the closure has no forward-mode AD rule: {message.strip()}\n"
-            "Fixes: use an equivalent op that has one (for attention, the math SDPA backend "
-            "or attn_implementation='eager'), or wrap the op in a torch.autograd.Function "
-            "that defines jvp()."
+            f"{op or 'an operation'} in the closure"
+            + (f", run by module {where}," if where else "")
+            + f" has no forward-mode AD rule: {message.strip()}\nFix: {fix}."
         ) from error
 
 
@@ -388,28 +392,28 @@ def _single_direction(closure, params, tangents, freeze_running_stats=False):
             freeze_running_stats=freeze_running_stats,
         )
         with mode:
-            loss = _check_loss(closure())
+            loss = _check_loss(run_closure(closure, mode.used))
         primal, tangent = fwAD.unpack_dual(loss)
         derivative = torch.zeros((), dtype=torch.float32) if tangent is None else tangent.float()
     return _result(primal, derivative.reshape(1), params, [mode])
 
 
-_NOT_VMAPPABLE: set[tuple[int, ...]] = set()  # parameter sets whose closure vmap refused
+_NOT_VMAPPABLE = Refusals()  # models whose K directions run as K passes
 
 
 def _many_directions(closure, params, tangents):
-    key = tuple(map(id, params))
-    if key not in _NOT_VMAPPABLE:
-        rng_state = torch.get_rng_state()
+    if tuple(params) not in _NOT_VMAPPABLE:
+        rng_state = RngState(params)
         try:
             return _vmapped_directions(closure, params, tangents)
-        except (BackwardInClosureError, LossNotScalarError):
+        except ForwardGradientError:
             raise
-        except Exception:
+        except Exception as error:
             # torch.func refuses some models, e.g. BatchNorm updating its running statistics
             # in place; those take one pass per direction from now on.
-            _NOT_VMAPPABLE.add(key)
-            torch.set_rng_state(rng_state)
+            _NOT_VMAPPABLE.add(tuple(params))
+            rng_state.restore()
+            warn_fallback(error, module_path(error))
     return _sequential_directions(closure, params, tangents)
 
 
@@ -429,7 +433,7 @@ def _vmapped_directions(closure, params, tangents):
                 dual_tensors=False,
             )
             with mode:
-                loss = _check_loss(closure())
+                loss = _check_loss(run_closure(closure, mode.used))
             modes.append(mode)
             return loss
 
@@ -443,15 +447,11 @@ def _vmapped_directions(closure, params, tangents):
 
 
 def _sequential_directions(closure, params, tangents):
-    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
-    rng_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    rng_state = RngState(params)
     results = []
     for k in range(_num_directions(tangents)):
         # Every pass starts from the same RNG state, so dropout draws one mask for all.
-        torch.set_rng_state(rng_state)
-        for device, state in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(state, device)
+        rng_state.restore()
         direction = [_direction(t, k) for t in tangents]
         results.append(_single_direction(closure, params, direction, freeze_running_stats=k > 0))
     return DirectionalDerivatives(

@@ -54,6 +54,7 @@ from fwdgrad_plugins.activity import (
 )
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError
 from fwdgrad_plugins.estimators import Estimate, Reduce
+from fwdgrad_plugins.closure_context import closure_context
 from fwdgrad_plugins.forward_mode import _forward_ad_errors
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents import TangentSampler, derive_seed
@@ -281,7 +282,7 @@ class LocalActivityPerturbation:
         mode = _PerturbActivities(set(), None, None, {}, freeze_running_stats=False)
         token = _recording.set(recording)
         try:
-            with torch.no_grad(), _forward_ad_errors(), fwAD.dual_level(), mode:
+            with torch.no_grad(), _forward_ad_errors(), closure_context(), fwAD.dual_level(), mode:
                 returned = closure()
         finally:
             _recording.reset(token)

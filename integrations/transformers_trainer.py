@@ -1,9 +1,9 @@
 """HuggingFace ``Trainer`` with forward gradients: ``FwdGradTrainer`` and ``--optim fwdgrad``.
 
 ``FwdGradTrainingArguments`` accepts ``optim="fwdgrad"`` and the ``fwdgrad_*`` options below;
-``FwdGradTrainer`` replaces ``accelerator.backward(loss)`` by
-``ForwardGradientEstimator.backward(closure)`` in ``training_step`` and keeps the rest of
-``Trainer``: the inner optimizer (``--fwdgrad_inner_optim``, built by Trainer from
+``FwdGradTrainer`` runs Trainer's own ``training_step`` with ``compute_loss`` as the closure
+of ``ForwardGradientEstimator.backward`` (the estimate takes backward's place) and keeps the
+rest of ``Trainer``: the inner optimizer (``--fwdgrad_inner_optim``, built by Trainer from
 ``--learning_rate``, ``--weight_decay``, ``--adam_*`` and ``--optim_args``), LR schedulers,
 ``max_grad_norm`` (the estimate sits in ``.grad``), evaluation, logging and checkpoints.
 
@@ -37,7 +37,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from fwdgrad_plugins import plugins
-from fwdgrad_plugins.estimators import ForwardGradientEstimator
+from fwdgrad_plugins.estimators import ForwardGradientEstimator, trainable_parameters
 
 FWDGRAD = "fwdgrad"
 ESTIMATOR_STATE_NAME = "forward_gradient.json"  # in each checkpoint folder, next to optimizer.pt
@@ -243,41 +243,66 @@ class FwdGradTrainer(Trainer):
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step``, with ``compute_loss`` run as a forward-gradient step.
+
+        While Trainer's own ``training_step`` runs, ``self.compute_loss`` (a subclass's
+        override included) becomes the closure of ``ForwardGradientEstimator.backward``, which
+        writes the estimate to ``.grad``, and returns the loss plus ``s - s.detach()`` for a
+        zero leaf ``s``. Trainer then scales that loss for gradient accumulation (and a
+        GradScaler for fp16) and calls ``accelerator.backward``, which reaches only ``s``:
+        ``s.grad`` is the factor Trainer scaled the loss by, and the estimate is scaled by it.
+        So accumulation follows Trainer's own rule, whatever its release."""
         if self.forward_gradient is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        unwrapped = self.accelerator.unwrap_model(model)
+        factor = torch.zeros((), device=self.args.device, requires_grad=True)
+        estimates = []
+        compute_loss = self.compute_loss
 
-        def closure():
-            with self.compute_loss_context_manager():
-                # A copy: compute_loss may pop "labels", and the closure can run K times.
-                loss = self.compute_loss(unwrapped, dict(inputs), num_items_in_batch=num_items_in_batch)
-            return self._scale_for_accumulation(loss, num_items_in_batch)
+        def forward_gradient_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            unwrapped = self.accelerator.unwrap_model(model)
+            # A copy: compute_loss may pop "labels", and the closure can run K times.
+            closure = lambda: compute_loss(unwrapped, dict(inputs), num_items_in_batch=num_items_in_batch)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            reduce = (lambda d: self.accelerator.reduce(d, "mean")) if self.accelerator.num_processes > 1 else None
+            estimates.append(self.forward_gradient.backward(closure, params, reduce=reduce))
+            return estimates[-1].loss.to(self.args.device) + (factor - factor.detach())
 
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        reduce = (lambda d: self.accelerator.reduce(d, "mean")) if self.accelerator.num_processes > 1 else None
-        estimate = self.forward_gradient.backward(closure, params, reduce=reduce)
-        self._derivative_stats.add(estimate.directional_derivatives)
-        return estimate.loss.detach().to(self.args.device)
-
-    def _scale_for_accumulation(self, loss, num_items_in_batch):
-        """Trainer.training_step's scaling: a per-batch mean loss is divided by the number of
-        micro-batches, unless the model or ``compute_loss_func`` normalised it already."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        return loss if scaled else loss / self.current_gradient_accumulation_steps
+        self.compute_loss = forward_gradient_loss
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            del self.compute_loss  # the class's (or subclass's) method again
+        scale = 1.0 if factor.grad is None else factor.grad.item()
+        for estimate in estimates:
+            _scale_estimate(estimate, self.optimizer.param_groups, scale)
+            self._derivative_stats.add(estimate.directional_derivatives * scale)
+        return loss
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         if self.forward_gradient is not None and "loss" in logs:
             logs.update(self._derivative_stats.flush())
             logs["fwdgrad_skipped"] = self.forward_gradient.skipped
+        if self.forward_gradient is not None:
+            self._warn_if_clipped(logs.get("grad_norm"))
         super().log(logs, start_time)
+
+    def _warn_if_clipped(self, grad_norm) -> None:
+        """Once: ``max_grad_norm`` clipped the estimate. A forward-gradient estimate's norm is
+        about √(number of parameters) times the gradient's, so Trainer's default of 1.0 clips
+        every step and, with SGD's small default learning rate, training barely moves."""
+        limit = self.args.max_grad_norm
+        if getattr(self, "_warned_clipping", False) or grad_norm is None or not limit or grad_norm <= limit:
+            return
+        self._warned_clipping = True
+        warnings.warn(
+            f"--max_grad_norm {limit:g} clipped the forward-gradient estimate (norm {grad_norm:.3g}): an "
+            "estimate's norm is about sqrt(number of parameters) times the gradient's, so this threshold "
+            "clips every step, and with SGD every update shrinks to it and training may not move. Pass "
+            "--max_grad_norm 0 (no clipping) or a value above the logged grad_norm. (Adam-type inner "
+            "optimizers are nearly unaffected by the scale: --fwdgrad_inner_optim adamw_torch with a "
+            "learning rate of 1e-3 to 1e-2 learns.)",
+            UserWarning, stacklevel=2,
+        )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -298,6 +323,18 @@ class FwdGradTrainer(Trainer):
             )
         with open(path) as file:
             self.forward_gradient.load_state_dict(json.load(file))
+
+
+def _scale_estimate(estimate, param_groups, scale: float) -> None:
+    """Multiply the estimate that was added to each ``.grad`` by ``scale``: ``.grad`` holds
+    (earlier micro-batches) + g, and becomes (earlier) + scale·g. ``g`` may be ``.grad``
+    itself (the first micro-batch's), which the in-place sum scales alike."""
+    if scale == 1.0 or estimate.skipped:
+        return
+    params = trainable_parameters(p for group in param_groups for p in group["params"])
+    for p, grad in zip(params, estimate.grads):  # the parameters backward() wrote, in its order
+        if grad is not None:
+            p.grad.add_(grad.to(p.grad.dtype), alpha=scale - 1)
 
 
 class _DerivativeStats:
