@@ -123,6 +123,9 @@ def main():
     parser = HfArgumentParser((RecipeArguments, FwdGradTrainingArguments))
     parser.set_defaults(output_dir="runs/hf_trainer", max_steps=2000, per_device_train_batch_size=64,
                         per_device_eval_batch_size=500, learning_rate=1e-2,
+                        # Trainer's max_grad_norm=1.0 would clip every forward-gradient estimate
+                        # (its norm grows with √parameters): no clipping, for both methods.
+                        max_grad_norm=0.0,
                         logging_steps=200, save_strategy="no", report_to="none", disable_tqdm=True,
                         # BERT's classification loss ignores num_items_in_batch, so Trainer's token
                         # averaging would double its loss (and eval loss) on 2 processes.
