@@ -41,6 +41,7 @@ from fwdgrad_plugins.errors import (
     ParametersNotUsedError,
     UnsupportedOperationError,
 )
+from fwdgrad_plugins.streaming import LazyDirection, TangentStream, is_streamed
 from fwdgrad_plugins.tangents import RankOne, Tangent, cast
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
@@ -85,6 +86,8 @@ class _PerturbParameters(TorchFunctionMode):
             return self.perturbed[key]
         if key in self.tangents:
             self.used.add(key)
+            if isinstance(self.tangents, LazyDirection):  # streamed: drawn per use, never kept
+                return self._materialize(value, self.tangents[key])
             if key not in self._materialized:
                 self._materialized[key] = self._materialize(value, self.tangents[key])
             return self._materialized[key]
@@ -342,12 +345,19 @@ def directional_derivatives(
     """The loss ``closure()`` and its K directional derivatives along ``tangents``.
 
     ``params`` are the tensors being trained (each used by the closure through the model);
-    ``tangents[i]`` is a (K, *params[i].shape) tensor or a :class:`RankOne`.
+    ``tangents[i]`` is a (K, *params[i].shape) tensor or a :class:`RankOne`; or ``tangents``
+    is a :class:`~fwdgrad_plugins.streaming.TangentStream`, from which one direction (K = 1)
+    draws each parameter's tangent when the closure uses it and drops it after (K > 1 draws
+    the stream whole and takes the path above).
     """
     if not params:
         raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
+    if isinstance(tangents, TangentStream) and not (is_streamed(tangents) and tangents.num_directions == 1):
+        tangents = tangents.whole()
     with torch.no_grad(), _forward_ad_errors():
-        if _num_directions(tangents) == 1:
+        if isinstance(tangents, TangentStream):  # streamed, one direction
+            result = _single_direction(closure, params, tangents.direction_mapping(0))
+        elif _num_directions(tangents) == 1:
             result = _single_direction(closure, params, [_direction(t, 0) for t in tangents])
         else:
             result = _many_directions(closure, params, tangents)
@@ -380,10 +390,13 @@ def _direction(tangent: Tangent, k: int):
 
 
 def _single_direction(closure, params, tangents, freeze_running_stats=False):
+    """``tangents``: one per parameter, or a ``LazyDirection`` (streamed)."""
+    if not isinstance(tangents, LazyDirection):
+        tangents = {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)}
     with fwAD.dual_level():
         mode = _PerturbParameters(
             {},
-            {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)},
+            tangents,
             dual_tensors=True,
             freeze_running_stats=freeze_running_stats,
         )
