@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
-from fwdgrad_plugins.estimators import Reduce, check_finite, trainable_parameters
+from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, trainable_parameters
 from fwdgrad_plugins.streaming import tangent_stream
 from fwdgrad_plugins.tangents import combine, derive_seed
 
@@ -103,9 +103,10 @@ class ForwardSGD(torch.optim.Optimizer):
     def _parameters(self) -> list[Tensor]:
         return trainable_parameters(p for group in self.param_groups for p in group["params"])
 
-    def accumulate(self, closure: Callable[[], Tensor], *, reduce: Optional[Reduce] = None) -> Tensor:
-        """Estimate one micro-batch's directional derivatives, to be applied by ``step()``;
-        returns its loss (NaN if skipped). On an error nothing changes."""
+    def accumulate(self, closure: Callable[[], Tensor], *, reduce: Optional[Reduce] = None) -> Estimate:
+        """Estimate one micro-batch's directional derivatives, to be applied by ``step()``.
+        Returns its loss and derivatives (``grads`` is empty: there are none); on an error
+        nothing changes."""
         params = self._parameters()
         seed = derive_seed(self.seed, self.forward_step)
         tangents = self.estimator.tangents(self.sampler, params, self.num_directions, seed)
@@ -119,9 +120,9 @@ class ForwardSGD(torch.optim.Optimizer):
             self.skipped_steps += 1
             warnings.warn(f"skipped update {self.forward_step - 1} ({self.skipped_steps} so far): {error}",
                           RuntimeWarning, stacklevel=2)
-            return torch.tensor(float("nan"))
+            return Estimate(torch.tensor(float("nan")), derivatives, [], skipped=True)
         self._pending.append((seed, derivatives, result.used, result.frozen_rows))
-        return result.loss
+        return Estimate(result.loss, derivatives, [])
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,
              reduce: Optional[Reduce] = None) -> Optional[Tensor]:
@@ -133,7 +134,7 @@ class ForwardSGD(torch.optim.Optimizer):
                 "is estimated by running it in forward mode: opt.step(lambda: loss_fn(model(x), y)), "
                 "with no loss.backward() (or call opt.accumulate(closure) first)."
             )
-        loss = self.accumulate(closure, reduce=reduce) if closure is not None else None
+        loss = self.accumulate(closure, reduce=reduce).loss if closure is not None else None
         self._update()
         return loss
 
