@@ -77,21 +77,25 @@ class WeightPerturbation:
 
     One direction (K = 1) is streamed where the sampler can (the built-in ones): each
     parameter's tangent is drawn when the closure uses it and again when its estimate is
-    formed, so no full tangent is held (:mod:`fwdgrad_plugins.streaming`). K > 1 tangents
-    are drawn whole for one ``vmap`` pass, into ``self.workspace``, kept from one call to the
+    formed, so no full tangent is held (:mod:`fwdgrad_plugins.streaming`). ``streamed=True``
+    streams K > 1 too, as K forward-mode passes (the memory of one direction, K times its
+    time); by default (``streamed=None``) K > 1 tangents are drawn whole for one ``vmap`` pass, into ``self.workspace``, kept from one call to the
     next where a fresh buffer would cost more (CPU draws above 32 MiB; see
     :class:`~fwdgrad_plugins.tangents.Workspace`; ``workspace.clear()`` frees it).
     """
 
     reduces_gradients = False  # ``reduce`` sees the K derivatives only
 
-    def __init__(self):
+    def __init__(self, streamed: Optional[bool] = None):
+        self.streamed = streamed
         self.workspace = Workspace()
 
     def tangents(self, sampler: TangentSampler, params, num_directions: int, seed: int) -> TangentStream:
-        """The step's tangents: streamed for one direction, drawn whole for K > 1."""
-        if num_directions == 1:
-            return tangent_stream(sampler, params, 1, seed)
+        """The step's tangents: streamed for one direction (or any K with ``streamed=True``),
+        drawn whole for K > 1 (or any K with ``streamed=False``)."""
+        streamed = num_directions == 1 if self.streamed is None else self.streamed
+        if streamed:
+            return tangent_stream(sampler, params, num_directions, seed)
         if accepts_workspace(sampler):
             return WholeTangents(params, sampler.sample(params, num_directions, seed, workspace=self.workspace))
         return WholeTangents(params, sampler.sample(params, num_directions, seed))

@@ -346,16 +346,20 @@ def directional_derivatives(
 
     ``params`` are the tensors being trained (each used by the closure through the model);
     ``tangents[i]`` is a (K, *params[i].shape) tensor or a :class:`RankOne`; or ``tangents``
-    is a :class:`~fwdgrad_plugins.streaming.TangentStream`, from which one direction (K = 1)
-    draws each parameter's tangent when the closure uses it and drops it after (K > 1 draws
-    the stream whole and takes the path above).
+    is a :class:`~fwdgrad_plugins.streaming.TangentStream`. A streamed one (the built-in
+    samplers') draws each parameter's tangent when the closure uses it and drops it after,
+    in one pass per direction (K passes for K > 1: the memory of one direction, where one
+    ``vmap`` pass over whole tangents holds K copies of the parameters); a
+    :class:`~fwdgrad_plugins.streaming.WholeTangents` takes the whole-tangent path.
     """
     if not params:
         raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
-    if isinstance(tangents, TangentStream) and not (is_streamed(tangents) and tangents.num_directions == 1):
+    if isinstance(tangents, TangentStream) and not is_streamed(tangents):
         tangents = tangents.whole()
     with torch.no_grad(), _forward_ad_errors():
-        if isinstance(tangents, TangentStream):  # streamed, one direction
+        if isinstance(tangents, TangentStream) and tangents.num_directions > 1:
+            result = _sequential_directions(closure, params, tangents)
+        elif isinstance(tangents, TangentStream):  # streamed, one direction
             result = _single_direction(closure, params, tangents.direction_mapping(0))
         elif _num_directions(tangents) == 1:
             result = _single_direction(closure, params, [_direction(t, 0) for t in tangents])
@@ -460,12 +464,13 @@ def _sequential_directions(closure, params, tangents):
     rng_state = torch.get_rng_state()
     cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
     results = []
-    for k in range(_num_directions(tangents)):
+    streamed = isinstance(tangents, TangentStream)
+    for k in range(tangents.num_directions if streamed else _num_directions(tangents)):
         # Every pass starts from the same RNG state, so dropout draws one mask for all.
         torch.set_rng_state(rng_state)
         for device, state in zip(devices, cuda_states):
             torch.cuda.set_rng_state(state, device)
-        direction = [_direction(t, k) for t in tangents]
+        direction = tangents.direction_mapping(k) if streamed else [_direction(t, k) for t in tangents]
         results.append(_single_direction(closure, params, direction, freeze_running_stats=k > 0))
     return DirectionalDerivatives(
         results[0].loss,

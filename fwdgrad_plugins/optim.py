@@ -66,7 +66,10 @@ class ForwardSGD(torch.optim.Optimizer):
         seed: seed of the tangents.
         estimator: "weight" (forward mode) or "spsa" (finite differences), or a plugin's
             estimator with ``tangents()`` and ``derivatives()`` methods.
-        estimator_options: keyword arguments for the estimator (``{"epsilon": 1e-3}``).
+        estimator_options: keyword arguments for the estimator (``{"epsilon": 1e-3}``). For
+            "weight" the default is ``{"streamed": True}``: K > 1 directions run as K
+            streamed forward-mode passes, with the memory of one (``{"streamed": None}``:
+            one ``vmap`` pass over whole tangents, faster, K copies of the parameters).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, *, num_directions: int = 1,
@@ -81,6 +84,8 @@ class ForwardSGD(torch.optim.Optimizer):
                 "use 1 for the paper's estimator, more to lower its variance."
             )
         self.sampler = plugins.get("tangent_samplers", tangents)()
+        if estimator_options is None and estimator == "weight":
+            estimator_options = {"streamed": True}  # K > 1 as K streamed passes: the memory of K = 1
         self.estimator = plugins.get("estimators", estimator)(**(estimator_options or {}))
         if not all(callable(getattr(self.estimator, m, None)) for m in ("tangents", "derivatives")):
             raise ValueError(

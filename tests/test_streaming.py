@@ -110,3 +110,23 @@ def test_lazy_direction_is_a_mapping_of_the_parameters():
     assert id(params[1]) in directions and id(object()) not in directions and len(directions) == 2
     assert directions.get(id(object())) is None and directions.draws == 0
     assert directions[id(params[1])].shape == (3,) and directions.draws == 1
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("model_name", ["cnn_batchnorm_dropout", "dropout_mlp", "tiny_gpt2"])
+def test_streamed_directions_equal_one_vmap_pass(model_name, name):
+    """K > 1 streamed: K passes from one RNG state (one dropout mask), running statistics
+    updated once, the derivatives of the one-pass path."""
+    model, closure = MODELS[model_name]()
+    model.train()
+    params = trainable_parameters(model.parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    torch.manual_seed(7)
+    whole = directional_derivatives(closure, params, sampler(name).sample(params, 3, seed=3))
+    after_whole = {k: v.clone() for k, v in model.named_buffers()}
+    model.load_state_dict(buffers, strict=False)
+    torch.manual_seed(7)
+    streamed = directional_derivatives(closure, params, tangent_stream(sampler(name), params, 3, seed=3))
+    torch.testing.assert_close(streamed.derivatives, whole.derivatives, rtol=1e-4, atol=1e-5)
+    for key, value in model.named_buffers():
+        torch.testing.assert_close(value, after_whole[key])
