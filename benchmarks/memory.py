@@ -333,7 +333,8 @@ def main(argv=None) -> list[dict]:
                         help="every method's loss: the model's own, or the same with the vocabulary "
                         "logits in blocks of 64 tokens (fwdgrad_plugins.lm_loss)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="combine the results of earlier runs' --json files into one report")
+                        help="combine the results of earlier runs' --json files into one report (with "
+                        "--cases/--methods: rerun those, replacing their earlier results)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--markdown", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
@@ -348,7 +349,8 @@ def main(argv=None) -> list[dict]:
     methods = _names(args.methods, METHODS, "method")
     results, commands = [], [["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]]
     if args.merge:
-        cases, commands = [], []
+        cases = cases if "--cases" in (argv if argv is not None else sys.argv) else []
+        commands = []
         for path in args.merge:
             with open(path) as file:
                 earlier = json.load(file)
@@ -356,6 +358,7 @@ def main(argv=None) -> list[dict]:
             commands += earlier["commands"]
     for case in cases:
         for method in methods:
+            results = [r for r in results if (r["case"], r["method"]) != (case, method)]  # a rerun replaces
             results.append(measure(case, method, args.steps, device, args.threads, args.loss))
             r = results[-1]
             print(f"{case:10} {method:24} {r['peak_above_resting_bytes'] / 2**20:8.0f} MB "
