@@ -347,15 +347,17 @@ def main(argv=None) -> list[dict]:
         return []
     cases = ["quick"] if args.quick else _names(args.cases, list(CASES), "case")
     methods = _names(args.methods, METHODS, "method")
-    results, commands = [], [["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]]
+    this = ["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]
+    results, commands = [], []
     if args.merge:
-        cases = cases if "--cases" in (argv if argv is not None else sys.argv) else []
-        commands = []
+        cases = cases if "--cases" in this else []
         for path in args.merge:
             with open(path) as file:
                 earlier = json.load(file)
             results += earlier["results"]
             commands += earlier["commands"]
+    if cases:
+        commands.append(this)  # the commands that measured the results
     for case in cases:
         for method in methods:
             results = [r for r in results if (r["case"], r["method"]) != (case, method)]  # a rerun replaces
@@ -363,6 +365,8 @@ def main(argv=None) -> list[dict]:
             r = results[-1]
             print(f"{case:10} {method:24} {r['peak_above_resting_bytes'] / 2**20:8.0f} MB "
                   f"{r['median_step_seconds']:8.2f} s  loss {r['held_out_loss']:.4f}", flush=True)
+    order = {name: i for i, name in enumerate([*CASES, *METHODS])}
+    results.sort(key=lambda r: (order[r["case"]], order[r["method"]]))
     add_ratios(results)
     target_rows = targets(results)
     table = markdown(results, target_rows)
