@@ -27,3 +27,15 @@ def test_unknown_method_names_the_known_ones():
     done = subprocess.run([sys.executable, "benchmarks/memory.py", "--methods", "nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "known: backprop" in done.stderr
+
+
+def test_forward_passes_benchmark_compares_both_methods(tmp_path):
+    out = tmp_path / "passes.json"
+    command = [sys.executable, "benchmarks/forward_passes.py", "--passes", "4", "--seeds", "1", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {s["method"] for s in report["summary"]} == {"forward-gradient", "spsa"}
+    for r in report["runs"]:
+        assert r["curve"][-1][0] == 4  # both methods end at the same number of forward passes
+        assert r["curve"][0][2] == report["runs"][0]["curve"][0][2]  # from the same initialisation
