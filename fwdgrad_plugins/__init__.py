@@ -19,6 +19,7 @@ from fwdgrad_plugins.errors import (
 from fwdgrad_plugins.estimators import Estimate, ForwardGradientEstimator
 from fwdgrad_plugins.forward_mode import directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.optim import ForwardSGD
 from fwdgrad_plugins.plugins import UnknownNameError, get, registered
 
 # Integrations import their frameworks only when asked for.
@@ -39,7 +40,8 @@ def __getattr__(name):
 
 __all__ = [
     "BackwardInClosureError", "Estimate", "ForwardGradient", "ForwardGradientError",
-    "ForwardGradientEstimator", "LossNotScalarError", "LossWithoutTangentError", "NonFiniteDirectionalDerivativeError",
+    "ForwardGradientEstimator", "ForwardSGD", "LossNotScalarError", "LossWithoutTangentError",
+    "NonFiniteDirectionalDerivativeError",
     "ParametersNotUsedError", "UnknownNameError", "UnsupportedOperationError",
     "directional_derivatives", "get", "hookimpl", "registered",
 ]

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
-from fwdgrad_plugins.forward_mode import directional_derivatives
+from fwdgrad_plugins.forward_mode import DirectionalDerivatives, directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.streaming import TangentStream, WholeTangents, tangent_stream
 from fwdgrad_plugins.tangents import TangentSampler, Workspace, accepts_workspace, cast, combine, derive_seed
 
 Reduce = Callable[[Tensor], Tensor]
@@ -48,38 +49,65 @@ def check_finite(loss: Tensor, derivatives: Tensor) -> None:
         )
 
 
+def estimate_from_derivatives(result: DirectionalDerivatives, tangents: TangentStream,
+                              reduce: Optional[Reduce] = None) -> Estimate:
+    """The estimate (1/K) Σ_k d_k v_k from K directional derivatives and their tangents,
+    formed parameter by parameter (a streamed tangent is redrawn for its parameter alone, so
+    the estimates plus one parameter's tangents are all that is held). ``reduce`` maps the
+    K local derivatives to global ones first; a non-finite one raises
+    :class:`NonFiniteDirectionalDerivativeError`."""
+    derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+    check_finite(result.loss, derivatives)
+    num_directions = tangents.num_directions
+    coefficients = derivatives / num_directions if num_directions > 1 else derivatives
+    grads = []
+    for index, (used, rows) in enumerate(zip(result.used, result.frozen_rows)):
+        grad = combine(tangents.draw_all(index), coefficients) if used else None
+        if rows:
+            grad[rows] = 0  # e.g. an embedding's padding row, which autograd never updates
+        grads.append(grad)
+    return Estimate(result.loss, derivatives, grads)
+
+
 class WeightPerturbation:
     """FG-W, the paper's estimator: g = (1/K) Σ_k (∇f(θ)·v_k) v_k, with v_k ~ ``sampler``.
 
     ``reduce`` maps the K local derivatives to global ones (the mean over processes in
     data-parallel training): each process then forms the same update from shared tangents.
 
-    K > 1 tangents are drawn into ``self.workspace``, kept from one call to the next where a
-    fresh buffer would cost more (CPU draws above 32 MiB; see
-    :class:`~fwdgrad_plugins.tangents.Workspace`; ``workspace.clear()`` frees it). One
-    tangent never is: it becomes the gradient itself, which outlives the call.
+    One direction (K = 1) is streamed where the sampler can (the built-in ones): each
+    parameter's tangent is drawn when the closure uses it and again when its estimate is
+    formed, so no full tangent is held (:mod:`fwdgrad_plugins.streaming`). ``streamed=True``
+    streams K > 1 too, as K forward-mode passes (the memory of one direction, K times its
+    time); by default (``streamed=None``) K > 1 tangents are drawn whole for one ``vmap`` pass, into ``self.workspace``, kept from one call to the
+    next where a fresh buffer would cost more (CPU draws above 32 MiB; see
+    :class:`~fwdgrad_plugins.tangents.Workspace`; ``workspace.clear()`` frees it).
     """
 
     reduces_gradients = False  # ``reduce`` sees the K derivatives only
 
-    def __init__(self):
+    def __init__(self, streamed: Optional[bool] = None):
+        self.streamed = streamed
         self.workspace = Workspace()
+
+    def tangents(self, sampler: TangentSampler, params, num_directions: int, seed: int) -> TangentStream:
+        """The step's tangents: streamed for one direction (or any K with ``streamed=True``),
+        drawn whole for K > 1 (or any K with ``streamed=False``)."""
+        streamed = num_directions == 1 if self.streamed is None else self.streamed
+        if streamed:
+            return tangent_stream(sampler, params, num_directions, seed)
+        if accepts_workspace(sampler):
+            return WholeTangents(params, sampler.sample(params, num_directions, seed, workspace=self.workspace))
+        return WholeTangents(params, sampler.sample(params, num_directions, seed))
+
+    def derivatives(self, closure, params, tangents: TangentStream) -> DirectionalDerivatives:
+        """The loss and its K directional derivatives along ``tangents`` (one jvp pass)."""
+        return directional_derivatives(closure, params, tangents)
 
     def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
                  seed: int, reduce: Optional[Reduce] = None) -> Estimate:
-        if num_directions > 1 and accepts_workspace(sampler):
-            tangents = sampler.sample(params, num_directions, seed, workspace=self.workspace)
-        else:
-            tangents = sampler.sample(params, num_directions, seed)
-        result = directional_derivatives(closure, params, tangents)
-        derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
-        check_finite(result.loss, derivatives)
-        coefficients = derivatives / num_directions if num_directions > 1 else derivatives
-        grads = [combine(t, coefficients) if used else None for t, used in zip(tangents, result.used)]
-        for grad, rows in zip(grads, result.frozen_rows):
-            if rows:
-                grad[rows] = 0  # e.g. an embedding's padding row, which autograd never updates
-        return Estimate(result.loss, derivatives, grads)
+        tangents = self.tangents(sampler, params, num_directions, seed)
+        return estimate_from_derivatives(self.derivatives(closure, params, tangents), tangents, reduce)
 
 
 @hookimpl

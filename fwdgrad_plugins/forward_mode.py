@@ -44,6 +44,7 @@ from fwdgrad_plugins.errors import (
     UnsupportedOperationError,
 )
 from fwdgrad_plugins.rng_state import RngState
+from fwdgrad_plugins.streaming import LazyDirection, TangentStream, is_streamed
 from fwdgrad_plugins.tangents import RankOne, Tangent, cast
 from fwdgrad_plugins.vmap_fallback import Refusals, warn_fallback
 
@@ -89,6 +90,8 @@ class _PerturbParameters(TorchFunctionMode):
             return self.perturbed[key]
         if key in self.tangents:
             self.used.add(key)
+            if isinstance(self.tangents, LazyDirection):  # streamed: drawn per use, never kept
+                return self._materialize(value, self.tangents[key])
             if key not in self._materialized:
                 self._materialized[key] = self._materialize(value, self.tangents[key])
             return self._materialized[key]
@@ -346,12 +349,23 @@ def directional_derivatives(
     """The loss ``closure()`` and its K directional derivatives along ``tangents``.
 
     ``params`` are the tensors being trained (each used by the closure through the model);
-    ``tangents[i]`` is a (K, *params[i].shape) tensor or a :class:`RankOne`.
+    ``tangents[i]`` is a (K, *params[i].shape) tensor or a :class:`RankOne`; or ``tangents``
+    is a :class:`~fwdgrad_plugins.streaming.TangentStream`. A streamed one (the built-in
+    samplers') draws each parameter's tangent when the closure uses it and drops it after,
+    in one pass per direction (K passes for K > 1: the memory of one direction, where one
+    ``vmap`` pass over whole tangents holds K copies of the parameters); a
+    :class:`~fwdgrad_plugins.streaming.WholeTangents` takes the whole-tangent path.
     """
     if not params:
         raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
+    if isinstance(tangents, TangentStream) and not is_streamed(tangents):
+        tangents = tangents.whole()
     with torch.no_grad(), _forward_ad_errors():
-        if _num_directions(tangents) == 1:
+        if isinstance(tangents, TangentStream) and tangents.num_directions > 1:
+            result = _sequential_directions(closure, params, tangents)
+        elif isinstance(tangents, TangentStream):  # streamed, one direction
+            result = _single_direction(closure, params, tangents.direction_mapping(0))
+        elif _num_directions(tangents) == 1:
             result = _single_direction(closure, params, [_direction(t, 0) for t in tangents])
         else:
             result = _many_directions(closure, params, tangents)
@@ -384,10 +398,13 @@ def _direction(tangent: Tangent, k: int):
 
 
 def _single_direction(closure, params, tangents, freeze_running_stats=False):
+    """``tangents``: one per parameter, or a ``LazyDirection`` (streamed)."""
+    if not isinstance(tangents, LazyDirection):
+        tangents = {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)}
     with fwAD.dual_level():
         mode = _PerturbParameters(
             {},
-            {id(p): (t.u, t.w) if isinstance(t, RankOne) else t for p, t in zip(params, tangents)},
+            tangents,
             dual_tensors=True,
             freeze_running_stats=freeze_running_stats,
         )
@@ -449,10 +466,11 @@ def _vmapped_directions(closure, params, tangents):
 def _sequential_directions(closure, params, tangents):
     rng_state = RngState(params)
     results = []
-    for k in range(_num_directions(tangents)):
+    streamed = isinstance(tangents, TangentStream)
+    for k in range(tangents.num_directions if streamed else _num_directions(tangents)):
         # Every pass starts from the same RNG state, so dropout draws one mask for all.
         rng_state.restore()
-        direction = [_direction(t, k) for t in tangents]
+        direction = tangents.direction_mapping(k) if streamed else [_direction(t, k) for t in tangents]
         results.append(_single_direction(closure, params, direction, freeze_running_stats=k > 0))
     return DirectionalDerivatives(
         results[0].loss,

@@ -35,6 +35,9 @@ def register_estimators(register):
 
     ``factory(**options)`` returns an object with ``estimate(closure, params, *, sampler,
     num_directions, seed, reduce)`` returning a :class:`fwdgrad_plugins.estimators.Estimate`.
+    An estimator whose estimate is (1/K) Σ_k d_k v_k may also offer ``tangents(sampler, params,
+    num_directions, seed)`` (a :class:`fwdgrad_plugins.streaming.TangentStream`) and
+    ``derivatives(closure, params, tangents)``: ``ForwardSGD`` then applies it without ``.grad``.
     """
 
 

@@ -20,6 +20,7 @@ KINDS = ("tangent_samplers", "estimators", "integrations")
 DEFAULT_PLUGINS = (
     "fwdgrad_plugins.tangents",
     "fwdgrad_plugins.estimators",
+    "fwdgrad_plugins.spsa",
     "fwdgrad_plugins.activity",
     "fwdgrad_plugins.local_losses",
     "fwdgrad_plugins.integrations",

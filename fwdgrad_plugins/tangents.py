@@ -176,12 +176,20 @@ class GaussianSampler:
     def sample(self, params, num_directions, seed, workspace=None):
         return draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.normal, workspace)
 
+    def stream(self, params, num_directions, seed):
+        """The same tangents, drawn per parameter on demand (see :mod:`fwdgrad_plugins.streaming`)."""
+        return _dense_stream(params, num_directions, seed, counter_rng.normal)
+
 
 class RademacherSampler:
     """Dense ±1 tangents: the lowest-variance unbiased choice (E[v⁴] = 1)."""
 
     def sample(self, params, num_directions, seed, workspace=None):
         return draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.signs, workspace)
+
+    def stream(self, params, num_directions, seed):
+        """The same tangents, drawn per parameter on demand (see :mod:`fwdgrad_plugins.streaming`)."""
+        return _dense_stream(params, num_directions, seed, counter_rng.signs)
 
 
 class RankOneGaussianSampler:
@@ -196,6 +204,19 @@ class RankOneGaussianSampler:
             like += [p] * len(factors)
         drawn = iter(draw_like(shapes, like, seed, counter_rng.normal, workspace))
         return [RankOne(next(drawn), next(drawn)) if p.dim() == 2 else next(drawn) for p in params]
+
+    def stream(self, params, num_directions, seed):
+        """The same tangents, drawn per parameter on demand (see :mod:`fwdgrad_plugins.streaming`)."""
+        from fwdgrad_plugins.streaming import CounterStream
+
+        pieces = [[(n,) for n in p.shape] if p.dim() == 2 else [tuple(p.shape)] for p in params]
+        return CounterStream(params, num_directions, seed, counter_rng.normal, pieces)
+
+
+def _dense_stream(params, num_directions, seed, draw):
+    from fwdgrad_plugins.streaming import CounterStream
+
+    return CounterStream(params, num_directions, seed, draw, [[tuple(p.shape)] for p in params])
 
 
 @hookimpl

@@ -41,6 +41,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from fwdgrad_plugins.estimators import ForwardGradientEstimator
+from fwdgrad_plugins.optim import ForwardSGD
 
 METHODS = ("fwdgrad", "backprop")
 
@@ -170,9 +171,12 @@ def evaluate(accelerator: Accelerator, network: torch.nn.Module, loader, loss_fn
     return accuracy, float(loss_fn(logits, labels))
 
 
-def _check(method, options, train_loader, estimator):
+def _check(method, options, train_loader, estimator, forward_sgd):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if forward_sgd and (method != "fwdgrad" or estimator is not None):
+        raise ValueError("the optimizer is a ForwardSGD, which estimates and applies the forward gradient "
+                         "itself: pass method='fwdgrad' and no estimator (its options go to ForwardSGD).")
     if method == "backprop" and estimator is not None:
         raise ValueError("an estimator was given with method='backprop': pass method='fwdgrad' "
                          "to train with it, or drop it.")
@@ -202,6 +206,9 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
     evaluated before the first step too (step 0). A training loss that is not finite marks the
     run as diverged and, by default, stops it.
 
+    ``optimizer`` may be a :class:`~fwdgrad_plugins.ForwardSGD` (with ``method="fwdgrad"``
+    and no ``estimator``): it then estimates and applies each update itself, with no ``.grad``.
+
     The forward-gradient part is the ``update`` below; in a loop of your own it is::
 
         estimate = estimator.backward(lambda: loss_fn(model(inputs), targets), model.parameters())
@@ -210,9 +217,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
         optimizer.zero_grad()
     """
     options = options or TrainingOptions()
-    if method == "fwdgrad" and estimator is None:
+    forward_sgd = optimizer if isinstance(optimizer, ForwardSGD) else None
+    if method == "fwdgrad" and estimator is None and forward_sgd is None:
         estimator = ForwardGradientEstimator()
-    _check(method, options, train_loader, estimator)
+    _check(method, options, train_loader, estimator, forward_sgd)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     network = accelerator.unwrap_model(model)  # forward mode runs outside DDP
     progress = TrainingProgress(method=method)
@@ -239,6 +247,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
             loss = loss_fn(model(inputs), targets)
             accelerator.backward(loss)
             loss, applied = loss.detach(), True
+        elif forward_sgd is not None:  # estimates and applies the update in one call
+            loss, applied = forward_sgd.step(lambda: loss_fn(network(inputs), targets), reduce=reduce), False
         else:
             estimate = estimator.backward(lambda: loss_fn(network(inputs), targets),
                                           network.parameters(), reduce=reduce)
@@ -308,10 +318,12 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
     bar.close()
     if not progress.evaluations or progress.evaluations[-1][0] != progress.step:
         record_evaluation()  # a resumed run that had already finished
-    return _result(accelerator, network, method, estimator, progress)
+    return _result(accelerator, network, method, estimator if forward_sgd is None else forward_sgd, progress)
 
 
 def _result(accelerator, network, method, estimator, progress) -> TrainResult:
+    """``estimator``: the ForwardGradientEstimator or ForwardSGD (None for backprop)."""
+    skipped = getattr(estimator, "skipped", getattr(estimator, "skipped_steps", 0))
     last_losses = [loss for _, loss, _ in progress.losses[-50:]]
     diverged = progress.diverged_at is not None
     timed = progress.step_times or [math.nan]
@@ -330,8 +342,8 @@ def _result(accelerator, network, method, estimator, progress) -> TrainResult:
         bytes_per_step=communicated_bytes_per_step(
             method, network, accelerator.num_processes, estimator.num_directions if estimator else 1,
             reduces_gradients=getattr(getattr(estimator, "estimator", None), "reduces_gradients", False)),
-        skipped_steps=estimator.skipped if estimator is not None else 0,
-        diverged=diverged or (estimator is not None and estimator.skipped > 0),
+        skipped_steps=skipped,
+        diverged=diverged or skipped > 0,
         diverged_at=progress.diverged_at,
         parameter_digests=gather_object([parameter_digest(network)]),
     )

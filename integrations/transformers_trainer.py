@@ -40,6 +40,7 @@ from fwdgrad_plugins import plugins
 from fwdgrad_plugins.estimators import ForwardGradientEstimator, trainable_parameters
 
 FWDGRAD = "fwdgrad"
+FORWARD_SGD = "forward_sgd"  # --fwdgrad_inner_optim value: ForwardSGD, the update without .grad
 ESTIMATOR_STATE_NAME = "forward_gradient.json"  # in each checkpoint folder, next to optimizer.pt
 ENABLE_HINT = (
     "use `from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments` in place of "
@@ -123,8 +124,10 @@ class FwdGradTrainingArguments(TrainingArguments):
         metadata={
             "help": "Forward gradient: the optimizer that applies the estimate, any --optim value that "
             "steps from .grad (sgd as in the paper, adamw_torch, ...); it takes --learning_rate, "
-            "--weight_decay, --adam_* and --optim_args.",
-            "choices": sorted(name.value for name in OptimizerNames if name.value not in _INNER_OPTIMIZERS_NEEDING_BACKWARD),
+            "--weight_decay, --adam_* and --optim_args. 'forward_sgd': fwdgrad_plugins.ForwardSGD, SGD "
+            "applied parameter by parameter with no .grad (the least memory; --max_grad_norm does not apply).",
+            "choices": sorted([FORWARD_SGD] + [name.value for name in OptimizerNames
+                                               if name.value not in _INNER_OPTIMIZERS_NEEDING_BACKWARD]),
         },
     )
 
@@ -134,7 +137,8 @@ class FwdGradTrainingArguments(TrainingArguments):
         forward_gradient = self.optim == FWDGRAD
         if forward_gradient:
             self._check_fwdgrad_options()
-            self.optim = self.fwdgrad_inner_optim  # TrainingArguments checks the rest against it
+            # TrainingArguments checks the rest against it (ForwardSGD's options are SGD's)
+            self.optim = "sgd" if self.fwdgrad_inner_optim == FORWARD_SGD else self.fwdgrad_inner_optim
         else:
             self._warn_if_fwdgrad_options_unused()
         super().__post_init__()
@@ -159,7 +163,7 @@ class FwdGradTrainingArguments(TrainingArguments):
             except plugins.UnknownNameError as error:
                 raise ValueError(f"--{option}: {error}") from None
         inner = str(getattr(self.fwdgrad_inner_optim, "value", self.fwdgrad_inner_optim))
-        known = {name.value for name in OptimizerNames}
+        known = {name.value for name in OptimizerNames} | {FORWARD_SGD}
         if inner not in known or inner in _INNER_OPTIMIZERS_NEEDING_BACKWARD:
             why = ("updates parameters during backward(), which forward-gradient training never calls"
                    if inner in known else "is not an optimizer Trainer knows")
@@ -207,10 +211,18 @@ class FwdGradTrainer(Trainer):
         if not getattr(self.args, "forward_gradient", False):
             return
         self._check_supported_setup()
-        self.forward_gradient = ForwardGradientEstimator(
-            estimator=self.args.fwdgrad_estimator, tangents=self.args.fwdgrad_tangents,
-            num_directions=self.args.fwdgrad_num_directions, seed=self.args.fwdgrad_seed,
-        )
+        if self.args.fwdgrad_inner_optim == FORWARD_SGD:
+            self.forward_gradient = _AccumulateIntoForwardSGD(self)
+            if self.args.max_grad_norm:
+                warnings.warn(
+                    f"--max_grad_norm {self.args.max_grad_norm} does not apply with --fwdgrad_inner_optim "
+                    "forward_sgd, which never builds .grad: pass --max_grad_norm 0, or an inner optimizer "
+                    "such as sgd to clip the estimate.", UserWarning, stacklevel=2)
+        else:
+            self.forward_gradient = ForwardGradientEstimator(
+                estimator=self.args.fwdgrad_estimator, tangents=self.args.fwdgrad_tangents,
+                num_directions=self.args.fwdgrad_num_directions, seed=self.args.fwdgrad_seed,
+            )
         self._derivative_stats = _DerivativeStats()
 
     def _check_supported_setup(self) -> None:
@@ -237,6 +249,12 @@ class FwdGradTrainer(Trainer):
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
         """Trainer's optimizer table, with ``optim="fwdgrad"`` read as its inner optimizer."""
+        if getattr(args, "forward_gradient", False) and args.fwdgrad_inner_optim == FORWARD_SGD:
+            from fwdgrad_plugins.optim import ForwardSGD
+
+            return ForwardSGD, {"lr": args.learning_rate, "num_directions": args.fwdgrad_num_directions,
+                                "tangents": args.fwdgrad_tangents, "seed": args.fwdgrad_seed,
+                                "estimator": args.fwdgrad_estimator}
         if getattr(args, "forward_gradient", False):
             args = copy.copy(args)  # a shallow view; __post_init__ does not run again
             args.optim = OptimizerNames(args.fwdgrad_inner_optim)
@@ -274,8 +292,8 @@ class FwdGradTrainer(Trainer):
             del self.compute_loss  # the class's (or subclass's) method again
         scale = 1.0 if factor.grad is None else factor.grad.item()
         for estimate in estimates:
-            _scale_estimate(estimate, self.optimizer.param_groups, scale)
             self._derivative_stats.add(estimate.directional_derivatives * scale)
+            _scale_estimate(estimate, self.optimizer.param_groups, scale)
         return loss
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
@@ -328,13 +346,53 @@ class FwdGradTrainer(Trainer):
 def _scale_estimate(estimate, param_groups, scale: float) -> None:
     """Multiply the estimate that was added to each ``.grad`` by ``scale``: ``.grad`` holds
     (earlier micro-batches) + g, and becomes (earlier) + scale·g. ``g`` may be ``.grad``
-    itself (the first micro-batch's), which the in-place sum scales alike."""
+    itself (the first micro-batch's), which the in-place sum scales alike. A ForwardSGD
+    micro-batch's estimate writes no ``.grad``: its derivatives, which ``ForwardSGD.step()``
+    applies, are scaled in place."""
     if scale == 1.0 or estimate.skipped:
+        return
+    if not estimate.grads:
+        estimate.directional_derivatives.mul_(scale)
         return
     params = trainable_parameters(p for group in param_groups for p in group["params"])
     for p, grad in zip(params, estimate.grads):  # the parameters backward() wrote, in its order
         if grad is not None:
             p.grad.add_(grad.to(p.grad.dtype), alpha=scale - 1)
+
+
+class _AccumulateIntoForwardSGD:
+    """The trainer's estimator for ``--fwdgrad_inner_optim forward_sgd``: ``backward`` hands
+    each micro-batch's closure to ``ForwardSGD.accumulate``, and Trainer's
+    ``optimizer.step()`` applies their sum. ForwardSGD's seed and step live in its own
+    state dict (``optimizer.pt``); ``forward_gradient.json`` repeats them."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    @property
+    def optimizer(self):
+        optimizer = self.trainer.optimizer
+        return getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+
+    def backward(self, closure, params, *, reduce=None):
+        return self.optimizer.accumulate(closure, reduce=reduce)
+
+    @property
+    def step(self) -> int:
+        return self.optimizer.forward_step
+
+    @property
+    def skipped(self) -> int:
+        return self.optimizer.skipped_steps
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()["forward_sgd"]
+
+    def load_state_dict(self, state: dict) -> None:
+        """Checks that ``optimizer.pt`` (already loaded) and the JSON agree."""
+        if state != self.state_dict():
+            raise ValueError(f"{ESTIMATOR_STATE_NAME} ({state}) does not match the ForwardSGD state in "
+                             f"optimizer.pt ({self.state_dict()}): the checkpoint is inconsistent.")
 
 
 class _DerivativeStats:

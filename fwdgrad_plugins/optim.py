@@ -1,0 +1,197 @@
+"""``ForwardSGD``: SGD on forward gradients with no ``.grad`` and no copy of the parameters.
+
+Forward-gradient SGD's update is a function of (θ, d, v) alone, so it needs no gradient
+tensor: after the closure's K directional derivatives d_k are known, each parameter's K
+tangents are redrawn from the counter-based stream (:mod:`fwdgrad_plugins.streaming`) and the
+parameter is updated in place, one at a time:
+
+    θ ← θ − lr · ((1/K) Σ_k d_k v_k + weight_decay · θ)
+
+(the update of ``torch.optim.SGD`` without momentum, given the forward gradient as ``.grad``,
+computed in the same order). A step holds the parameters, the activations of the layers in
+flight and one parameter's tangents: for a model whose parameters dominate its memory (an
+LLM), about what running it costs. Optimizers with state the size of the parameters (Adam)
+gain nothing from this: use :class:`~fwdgrad_plugins.integrations.torch_optim.ForwardGradient`.
+
+>>> import torch
+>>> from fwdgrad_plugins import ForwardSGD
+>>> model = torch.nn.Linear(4, 2)
+>>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+>>> opt = ForwardSGD(model.parameters(), lr=0.1, num_directions=1, seed=0)
+>>> loss = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))  # no backward, no .grad
+>>> model.weight.grad is None
+True
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fwdgrad_plugins import plugins
+from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
+from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, trainable_parameters
+from fwdgrad_plugins.streaming import tangent_stream
+from fwdgrad_plugins.tangents import combine, derive_seed
+
+
+class ForwardSGD(torch.optim.Optimizer):
+    """Forward-gradient SGD (Baydin et al. 2022), applied without ``.grad``.
+
+    Constructed like ``torch.optim.SGD`` (parameters or parameter groups; ``lr`` and
+    ``weight_decay`` per group; LR schedulers act on it). ``step(closure)`` runs the closure
+    in forward mode (``estimator="weight"``, the paper's FG-W) or as two forward passes
+    (``estimator="spsa"``, MeZO), then updates every parameter the loss used, in place; a
+    parameter the loss did not use is left alone, as SGD leaves one without ``.grad``.
+
+    ``state_dict()`` holds the groups and (seed, step, options): a resumed run redraws the
+    same tangents and ends bit-identical to an uninterrupted one. Across processes pass
+    ``reduce`` (the mean over processes of a tensor, e.g. ``lambda d:
+    accelerator.reduce(d, "mean")``) to ``step``: the K derivatives are all that is
+    communicated, and every process applies the same update.
+
+    Gradient accumulation: ``accumulate(closure)`` per micro-batch (each draws its own
+    tangents), then ``step()`` applies their sum once. A non-finite directional derivative
+    skips that micro-batch with a warning (``skipped_steps`` counts them).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        weight_decay: L2 penalty, as SGD's.
+        num_directions: K, tangents averaged per step.
+        tangents: tangent sampler name (``fwdgrad_plugins.registered("tangent_samplers")``).
+        seed: seed of the tangents.
+        estimator: "weight" (forward mode) or "spsa" (finite differences), or a plugin's
+            estimator with ``tangents()`` and ``derivatives()`` methods.
+        estimator_options: keyword arguments for the estimator (``{"epsilon": 1e-3}``). For
+            "weight" the default is ``{"streamed": True}``: K > 1 directions run as K
+            streamed forward-mode passes, with the memory of one (``{"streamed": None}``:
+            one ``vmap`` pass over whole tangents, faster, K copies of the parameters).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, *, num_directions: int = 1,
+                 tangents: str = "gaussian", seed: int = 0, estimator: str = "weight",
+                 estimator_options: Optional[dict] = None):
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+        if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+            raise ValueError(
+                f"num_directions must be a positive integer, got {num_directions!r}: "
+                "use 1 for the paper's estimator, more to lower its variance."
+            )
+        self.sampler = plugins.get("tangent_samplers", tangents)()
+        if estimator_options is None and estimator == "weight":
+            estimator_options = {"streamed": True}  # K > 1 as K streamed passes: the memory of K = 1
+        self.estimator = plugins.get("estimators", estimator)(**(estimator_options or {}))
+        if not all(callable(getattr(self.estimator, m, None)) for m in ("tangents", "derivatives")):
+            raise ValueError(
+                f"estimator {estimator!r} forms its estimate from more than directional derivatives "
+                "and tangents, so ForwardSGD cannot apply it without .grad: use "
+                f"ForwardGradient(torch.optim.SGD(...), estimator={estimator!r}), or estimator='weight' or 'spsa'."
+            )
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.options = {"estimator": estimator, "tangents": tangents, "num_directions": num_directions}
+        self.seed = int(seed)
+        self.forward_step = 0  # micro-batches estimated so far: the tangents' counter
+        self.skipped_steps = 0
+        self._pending: list = []  # (seed, derivatives, used, frozen rows) since the last update
+        self._accumulated = False
+
+    @property
+    def num_directions(self) -> int:
+        return self.options["num_directions"]
+
+    def _parameters(self) -> list[Tensor]:
+        return trainable_parameters(p for group in self.param_groups for p in group["params"])
+
+    def accumulate(self, closure: Callable[[], Tensor], *, reduce: Optional[Reduce] = None) -> Estimate:
+        """Estimate one micro-batch's directional derivatives, to be applied by ``step()``.
+        Returns its loss and derivatives (``grads`` is empty: there are none); on an error
+        nothing changes."""
+        params = self._parameters()
+        seed = derive_seed(self.seed, self.forward_step)
+        tangents = self.estimator.tangents(self.sampler, params, self.num_directions, seed)
+        result = self.estimator.derivatives(closure, params, tangents)
+        derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+        self._accumulated = True
+        self.forward_step += 1
+        try:
+            check_finite(result.loss, derivatives)
+        except NonFiniteDirectionalDerivativeError as error:
+            self.skipped_steps += 1
+            warnings.warn(f"skipped update {self.forward_step - 1} ({self.skipped_steps} so far): {error}",
+                          RuntimeWarning, stacklevel=2)
+            return Estimate(torch.tensor(float("nan")), derivatives, [], skipped=True)
+        self._pending.append((seed, derivatives, result.used, result.frozen_rows))
+        return Estimate(result.loss, derivatives, [])
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, *,
+             reduce: Optional[Reduce] = None) -> Optional[Tensor]:
+        """``accumulate(closure)``, then the update; without a closure, the update of what
+        ``accumulate`` gathered. Returns the closure's loss (detached)."""
+        if closure is None and not self._accumulated:
+            raise TypeError(
+                "ForwardSGD.step needs a closure that computes the loss, because the gradient "
+                "is estimated by running it in forward mode: opt.step(lambda: loss_fn(model(x), y)), "
+                "with no loss.backward() (or call opt.accumulate(closure) first)."
+            )
+        loss = self.accumulate(closure, reduce=reduce).loss if closure is not None else None
+        self._update()
+        return loss
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        """θ ← θ − lr·(Σ_micro-batches (1/K) Σ_k d_k v_k + weight_decay·θ), a parameter at a time."""
+        pending, self._pending, self._accumulated = self._pending, [], False
+        if not pending:
+            return
+        params = self._parameters()
+        index = {id(p): i for i, p in enumerate(params)}
+        K = self.num_directions
+        streams = [(tangent_stream(self.sampler, params, K, seed), d / K if K > 1 else d, used, rows)
+                   for seed, d, used, rows in pending]
+        for group in self.param_groups:
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                i = index.get(id(p))
+                if i is None:
+                    continue
+                update = None
+                for stream, coefficients, used, rows in streams:
+                    if not used[i]:
+                        continue
+                    term = combine(stream.draw_all(i), coefficients)
+                    if rows[i]:
+                        term[rows[i]] = 0  # e.g. an embedding's padding row, which autograd never updates
+                    update = term if update is None else update.add_(term)
+                if update is None:
+                    continue
+                if weight_decay != 0:
+                    update = update.add_(p, alpha=weight_decay)
+                p.add_(update, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["forward_sgd"] = {**self.options, "seed": self.seed, "step": self.forward_step,
+                                "skipped": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("forward_sgd", None)
+        if saved is None:
+            raise ValueError("this state dict was not saved by ForwardSGD (no 'forward_sgd' entry): "
+                             "load a ForwardSGD checkpoint, or start a new run.")
+        mismatched = {k: (saved.get(k), v) for k, v in self.options.items() if saved.get(k, v) != v}
+        if mismatched:
+            raise ValueError(
+                f"checkpoint was saved with other forward-gradient options {mismatched} "
+                "(saved, current): construct ForwardSGD with the saved options to resume."
+            )
+        super().load_state_dict(state_dict)
+        self.seed, self.forward_step, self.skipped_steps = int(saved["seed"]), int(saved["step"]), int(saved["skipped"])
+        self._pending, self._accumulated = [], False
