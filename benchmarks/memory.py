@@ -38,6 +38,8 @@ from typing import Callable
 
 import torch
 
+from step import _rss_bytes  # (step.py's resident-memory reading, beside this file)
+
 # --------------------------------------------------------------------------- cases
 
 
@@ -155,14 +157,6 @@ METHODS = ["backprop", "backprop-checkpointing", "fg-gaussian", "fg-rank1", "for
 # --------------------------------------------------------------------------- one method, in this process
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure_here(case_name: str, method: str, steps: int, device: torch.device, loss: str = "blocked") -> dict:
     from fwdgrad_plugins import cpu_memory
 
@@ -183,7 +177,7 @@ def measure_here(case_name: str, method: str, steps: int, device: torch.device, 
         resting = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        resting = _status_bytes("VmRSS")
+        resting = _rss_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM, the peak resident set, to the current one
     times = []
@@ -196,7 +190,7 @@ def measure_here(case_name: str, method: str, steps: int, device: torch.device, 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = _status_bytes("VmHWM")
+        peak = _rss_bytes("VmHWM")
     with torch.no_grad():
         held_out_loss = model(input_ids=held_out, labels=held_out).loss.item()
     params = list(model.parameters())
