@@ -22,6 +22,7 @@ DEFAULT_PLUGINS = (
     "fwdgrad_plugins.estimators",
     "fwdgrad_plugins.activity",
     "fwdgrad_plugins.local_losses",
+    "fwdgrad_plugins.directions",
     "fwdgrad_plugins.integrations",
 )
 
