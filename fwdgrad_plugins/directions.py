@@ -13,6 +13,8 @@ here lower it without a backward pass:
   without the other blocks' n_b Σ‖g_c‖². Unbiased; costs one forward pass per block (the
   primal is recomputed for each; dropout draws the same mask in every pass).
   ``blocks_per_step=m`` perturbs m random blocks per step, scaled by B/m (still unbiased).
+  ``blockwise-parameter`` is ``blockwise`` with one block per tensor (a bias apart from its
+  weight).
 - ``blockwise-scaled`` (estimator): ``blockwise`` with each block's estimate divided by
   √(n_b + 2), its expected excess norm, so every block's update has about backprop's norm
   and one learning rate suits blocks of any size. That is a positive per-block scaling of
@@ -312,5 +314,6 @@ def register_tangent_samplers(register):
 @hookimpl
 def register_estimators(register):
     register("blockwise", BlockwiseWeightPerturbation)
+    register("blockwise-parameter", lambda **options: BlockwiseWeightPerturbation(**{"blocks": "parameter", **options}))
     register("blockwise-scaled", lambda **options: BlockwiseWeightPerturbation(**{"scale_by_size": True, **options}))
     register("guided", GuidedWeightPerturbation)

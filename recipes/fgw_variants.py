@@ -36,6 +36,8 @@ VARIANTS = {  # name: (estimator, tangents, num_directions)
     "orthogonal-k2": ("weight", "orthogonal-gaussian", 2),
     "blockwise": ("blockwise", "gaussian", 1),
     "blockwise-rank1": ("blockwise", "rank1-gaussian", 1),
+    "blockwise-parameter": ("blockwise-parameter", "gaussian", 1),
+    "blockwise-parameter-rank1": ("blockwise-parameter", "rank1-gaussian", 1),
     "blockwise-scaled": ("blockwise-scaled", "gaussian", 1),
     "guided-k2": ("guided", "gaussian", 2),
     "backprop": (None, None, None),
