@@ -51,7 +51,7 @@ from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents import RankOne, TangentSampler, combine, derive_seed, draw_like
 
 __all__ = ["OrthogonalGaussianSampler", "BlockwiseWeightPerturbation", "GuidedWeightPerturbation",
-           "parameter_blocks"]
+           "parameter_blocks", "size_scaled_param_groups"]
 
 
 # ---- orthogonal directions -------------------------------------------------------------------
@@ -126,6 +126,23 @@ def parameter_blocks(params: Sequence[Tensor], blocks: str = "layer") -> list[li
     if pending:
         groups.append(pending)
     return groups
+
+
+def size_scaled_param_groups(params, lr: float, *, blocks: str = "layer", power: float = 0.5) -> list[dict]:
+    """Optimizer parameter groups with a learning rate per block, lr · (n_min / n_b)^power (n_b:
+    the block's size, n_min: the smallest block's): the smallest block trains at ``lr``, a block
+    100x larger at lr/10 with the default power. For an optimizer that normalises the update
+    per coordinate (Adam), where scaling the estimate itself changes nothing: a block's
+    forward-gradient noise grows as √n_b, so a large block needs a smaller step.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(100, 4), torch.nn.Linear(4, 1))
+    >>> [round(g["lr"], 4) for g in size_scaled_param_groups(model.parameters(), 1e-2)]
+    [0.0011, 0.01]
+    """
+    params = [p for p in params if p.requires_grad]
+    groups = parameter_blocks(params, blocks)
+    sizes = [sum(params[i].numel() for i in g) for g in groups]
+    return [{"params": [params[i] for i in g], "lr": lr * (min(sizes) / n) ** power} for g, n in zip(groups, sizes)]
 
 
 @contextlib.contextmanager

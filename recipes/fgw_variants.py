@@ -15,7 +15,9 @@
 #   python recipes/fgw_variants.py report runs/fgw/final --plot docs/variance/mnist.png \
 #       --json docs/variance/mnist.json
 #
-# Variants (name: estimator, tangents, K): see VARIANTS. --method backprop runs the reference.
+# Variants (name: estimator, tangents, K): see VARIANTS; the variant "backprop" runs the
+# reference. --optimizer adam-size-scaled gives each layer lr·√(n_min / n_layer) (per-layer
+# scaling for Adam, which ignores a scaled estimate): `train` adds it to mnist.py's optimizers.
 """MNIST comparisons of FG-W variants, through recipes/mnist.py."""
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 RECIPES = Path(__file__).resolve().parent
 
@@ -67,7 +71,7 @@ def run(argv) -> None:
             if (folder / "results.json").exists():
                 print(f"{folder}: done already")
                 continue
-            command = [sys.executable, str(RECIPES / "mnist.py"), "--optimizer", args.optimizer,
+            command = [sys.executable, str(Path(__file__).resolve()), "train", "--optimizer", args.optimizer,
                        "--lr-sweep", args.lrs, "--seed", seed, "--output-dir", str(folder), *rest]
             if estimator is None:
                 command += ["--method", "backprop"]
@@ -79,6 +83,18 @@ def run(argv) -> None:
             saved = json.loads((folder / "results.json").read_text())
             saved["config"]["variant"] = variant
             (folder / "results.json").write_text(json.dumps(saved, indent=1))
+
+
+def train(argv) -> None:
+    """recipes/mnist.py with one more optimizer: ``adam-size-scaled``, Adam with a learning rate
+    per layer, lr·√(n_min / n_layer) (fwdgrad_plugins.directions.size_scaled_param_groups)."""
+    sys.path.insert(0, str(RECIPES))
+    import mnist  # recipes/mnist.py, the shared recipe
+
+    from fwdgrad_plugins.directions import size_scaled_param_groups
+
+    mnist.OPTIMIZERS["adam-size-scaled"] = lambda params, lr: torch.optim.Adam(size_scaled_param_groups(params, lr), lr=lr)
+    mnist.main(argv)
 
 
 def load(folders) -> dict:
@@ -198,6 +214,8 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         run(argv[1:])
+    elif argv[:1] == ["train"]:
+        train(argv[1:])
     elif argv[:1] == ["report"]:
         report(argv[1:])
     else:

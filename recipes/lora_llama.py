@@ -173,7 +173,18 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default="runs/lora")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--report", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="train nothing: the table and plot of earlier runs' results.json files")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = [json.loads(Path(path).read_text()) for path in args.report]
+        runs = [r for s in saved for r in s["runs"]]
+        methods = list(dict.fromkeys(r["method"] for r in runs))
+        print(table(summarise(runs, methods), saved[0]["config"]["steps"]))
+        if args.plot:
+            plot(runs, methods, Path(args.plot))
+            print(f"wrote {args.plot}")
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
