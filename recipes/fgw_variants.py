@@ -104,6 +104,8 @@ def load(folders) -> dict:
         for path in sorted(Path(folder).rglob("results.json")):
             results = json.loads(path.read_text())
             variant = results["config"].get("variant") or path.parent.parent.name
+            if results["config"]["optimizer"] != "adam":  # the same variant under another optimizer
+                variant = f"{variant} ({results['config']['optimizer']})"
             for r in results["runs"]:
                 history = results["histories"][r["folder"]]
                 found.setdefault(variant, {}).setdefault(r["lr"], {})[results["config"]["seed"]] = {
@@ -125,7 +127,7 @@ def summarise(found) -> list[dict]:
         seeds = by_lr[best]
         errors = [error(r) for r in seeds.values()]
         rows.append({
-            "variant": variant, "estimator": VARIANTS.get(variant, (None,))[0] or "backprop",
+            "variant": variant, "estimator": VARIANTS.get(variant.split(" (")[0], (None,))[0] or "backprop",
             "best_lr": best, "sweep": {f"{lr:g}": e for lr, e in sorted(sweep.items())},
             "seeds": sorted(seeds), "test_error": errors,
             "mean_test_error": statistics.mean(errors),
@@ -143,7 +145,7 @@ def table(rows) -> str:
              "| test error % (mean; min-max) | ms/step | time vs backprop |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        estimator, tangents, k = VARIANTS.get(r["variant"], ("?", "?", "?"))
+        estimator, tangents, k = VARIANTS.get(r["variant"].split(" (")[0], ("?", "?", "?"))
         setting = "backprop" if estimator is None else f"{estimator}, {tangents}, {k}"
         sweep = ", ".join(f"{lr}: {e:.1f}" for lr, e in r["sweep"].items())
         spread = "" if len(r["test_error"]) < 2 else f"; {min(r['test_error']):.2f}-{max(r['test_error']):.2f}"
