@@ -252,7 +252,10 @@ class GuidedWeightPerturbation:
 
     has expectation û ûᵀ g + P g = g, and no error along û. The K derivatives are ∇f·û and
     ∇f·v_k; ∇f·P v_k = ∇f·v_k - (∇f·û)(û·v_k). Before the first step (no guess yet) it is
-    plain FG-W over the K directions. Needs K ≥ 2; keeps one parameter-sized buffer.
+    plain FG-W over the K directions. Keeps one parameter-sized buffer.
+
+    With K = 1 a step takes one of the two parts, each with probability 1/2 (from the step's
+    seed, the same on every process), times 2: 2 (∇f·û) û or 2 (∇f·P v) P v; still unbiased.
 
     Args:
         momentum: β, the weight of the past in the running mean.
@@ -275,14 +278,13 @@ class GuidedWeightPerturbation:
 
     def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
                  seed: int, reduce: Optional[Reduce] = None) -> Estimate:
-        if num_directions < 2:
-            raise ValueError("the guided estimator needs num_directions >= 2 (one guess and at "
-                             f"least one random direction), got {num_directions}.")
         if self.mean is not None and [m.shape for m in self.mean] != [p.shape for p in params]:
             raise ValueError("the guided estimator's running mean was built for other parameters: "
                              "use one estimator per set of parameters.")
-        random = [_dense(t) for t in sampler.sample(params, num_directions - 1, seed)]
         norm = None if self.mean is None else math.sqrt(sum(float(m.double().pow(2).sum()) for m in self.mean))
+        if num_directions == 1:
+            return self._one_direction(closure, params, sampler, seed, reduce, norm)
+        random = [_dense(t) for t in sampler.sample(params, num_directions - 1, seed)]
         if not norm:  # no guess yet: plain FG-W over K random directions
             extra = [_dense(t) for t in sampler.sample(params, 1, derive_seed(seed, 1))]
             tangents = [torch.cat([e, r]) for e, r in zip(extra, random)]
@@ -309,6 +311,28 @@ class GuidedWeightPerturbation:
                 # Σ_k c_k P v_k + (∇f·û) û  with P v_k = v_k - (û·v_k) û
                 grads.append(torch.tensordot(projected, t[1:], dims=1)
                              + (along - (projected * overlap).sum()) * g)
+        for grad, rows in zip(grads, result.frozen_rows):
+            if rows and grad is not None:
+                grad[rows] = 0
+        self._update_mean(params, grads)
+        return Estimate(result.loss, derivatives, grads)
+
+    def _one_direction(self, closure, params, sampler, seed, reduce, norm) -> Estimate:
+        """K = 1: along the guess or, as likely, along a direction projected off it, times 2."""
+        (tangents,) = [[_dense(t) for t in sampler.sample(params, 1, seed)]]
+        scale = 1.0
+        if norm:
+            guess = [(m / norm).to(t.dtype) for m, t in zip(self.mean, tangents)]
+            scale = 2.0
+            if derive_seed(seed, 0x6E55) % 2:  # along the guess
+                tangents = [g.unsqueeze(0) for g in guess]
+            else:  # P v = v - (û·v) û
+                overlap = sum(float((g.double() * t[0].double()).sum()) for g, t in zip(guess, tangents))
+                tangents = [t - overlap * g.unsqueeze(0) for g, t in zip(guess, tangents)]
+        result = directional_derivatives(closure, params, tangents)
+        derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+        check_finite(result.loss, derivatives)
+        grads = [t[0] * (scale * derivatives[0]).to(t.dtype) if u else None for t, u in zip(tangents, result.used)]
         for grad, rows in zip(grads, result.frozen_rows):
             if rows and grad is not None:
                 grad[rows] = 0

@@ -32,7 +32,7 @@ VARIANTS = [
 # The orthogonal sampler's unbiasedness is tests/test_estimators.py's (parameterised over every
 # registered sampler); blockwise-scaled is biased: tested apart. Few draws of K = 16 each.
 UNBIASED = [("blockwise", {}, "gaussian"), ("blockwise", {"blocks": "parameter", "blocks_per_step": 2}, "gaussian"),
-            ("guided", {}, "gaussian")]
+            ("guided", {}, "gaussian"), ("guided-k1", {}, "gaussian")]
 
 
 def small_problem(gradient=True):
@@ -74,14 +74,16 @@ def test_every_variant_is_registered():
 @pytest.mark.parametrize("name, options, sampler", UNBIASED)
 def test_mean_of_estimates_is_autograds_gradient(name, options, sampler):
     _, closure, params, true_gradient = small_problem()
-    estimator = fwdgrad_plugins.get("estimators", name)(**options)
+    k = 1 if name == "guided-k1" else 16
+    estimator = fwdgrad_plugins.get("estimators", name.removesuffix("-k1"))(**options)
     reset = None
-    if name == "guided":  # a fixed, imperfect guess: the estimate must be unbiased for any
+    if name.startswith("guided"):  # a fixed, imperfect guess: the estimate must be unbiased for any
         guess = [torch.randn_like(p) + 3 * g for p, g in zip(params, torch.autograd.grad(closure(), params))]
         state = {"momentum": 0.9, "mean": guess}
         reset = lambda: estimator.load_state_dict(state)
-    z = z_scores(draws(estimator, closure, params, sampler, 16, 100, reset), true_gradient)
-    assert z.abs().max() < 5, f"mean of 100 estimates is {z.abs().max():.1f} standard errors off"
+    n = 400 if k == 1 else 100
+    z = z_scores(draws(estimator, closure, params, sampler, k, n, reset), true_gradient)
+    assert z.abs().max() < 5, f"mean of {n} estimates is {z.abs().max():.1f} standard errors off"
 
 
 def test_orthogonal_directions_are_orthogonal_and_k_equal_n_is_exact():
@@ -166,7 +168,8 @@ def train(model, fg, optimizer, steps, start=0):
         optimizer.step()
 
 
-@pytest.mark.parametrize("name, options, sampler, k", VARIANTS + [("blockwise-scaled", {}, "gaussian", 1)])
+@pytest.mark.parametrize("name, options, sampler, k", VARIANTS + [("blockwise-scaled", {}, "gaussian", 1),
+                                                       ("guided", {}, "gaussian", 1)])
 def test_resume_is_bit_identical(name, options, sampler, k):
     def fresh():
         model, *_ = small_problem()
@@ -231,9 +234,19 @@ def test_bad_options_name_the_fix(bad, match):
         ForwardGradientEstimator(**bad)
 
 
-def test_guided_with_one_direction_fails_and_changes_nothing():
-    model, closure, params, _ = small_problem()
-    fg = ForwardGradientEstimator(estimator="guided", num_directions=1)
-    with pytest.raises(ValueError, match="num_directions >= 2"):
-        fg.backward(closure, params)
-    assert fg.step == 0 and all(p.grad is None for p in params) and fg.estimator.mean is None
+def test_guided_with_one_direction_takes_either_part():
+    """K = 1: half the steps go along the guess, half off it (each doubled)."""
+    _, closure, params, _ = small_problem()
+    guided = GuidedWeightPerturbation()
+    guided.load_state_dict({"momentum": 0.5, "mean": [torch.randn_like(p) for p in params]})
+    guess = flat(guided.mean, params) / flat(guided.mean, params).norm()
+    along = 0
+    for seed in range(40):
+        state = guided.state_dict()
+        grad = flat(guided.estimate(closure, params, sampler=fwdgrad_plugins.get("tangent_samplers", "gaussian")(),
+                                    num_directions=1, seed=seed).grads, params)
+        guided.load_state_dict(state)
+        cosine = float(grad @ guess / grad.norm())
+        assert abs(abs(cosine) - 1) < 1e-4 or abs(cosine) < 1e-4  # along û, or orthogonal to it
+        along += abs(abs(cosine) - 1) < 1e-4
+    assert 8 <= along <= 32
