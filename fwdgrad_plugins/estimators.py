@@ -186,7 +186,10 @@ class ForwardGradientEstimator:
         return estimate
 
     def state_dict(self) -> dict:
-        return {**self.options, "seed": self.seed, "step": self.step, "skipped": self.skipped}
+        state = {**self.options, "seed": self.seed, "step": self.step, "skipped": self.skipped}
+        if hasattr(self.estimator, "state_dict"):  # an estimator with state of its own (e.g. "guided")
+            state["estimator_state"] = self.estimator.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         mismatched = {k: (state.get(k), v) for k, v in self.options.items() if state.get(k, v) != v}
@@ -196,3 +199,5 @@ class ForwardGradientEstimator:
                 "(saved, current): construct the estimator with the saved options to resume."
             )
         self.seed, self.step, self.skipped = int(state["seed"]), int(state["step"]), int(state["skipped"])
+        if "estimator_state" in state and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(state["estimator_state"])

@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "fwdgrad_plugins.spsa",
     "fwdgrad_plugins.activity",
     "fwdgrad_plugins.local_losses",
+    "fwdgrad_plugins.directions",
     "fwdgrad_plugins.integrations",
 )
 

@@ -1,0 +1,360 @@
+"""Lower-variance weight perturbation: orthogonal, block-wise and guided directions.
+
+FG-W's estimate (∇f·v) v has a variance that grows with the number n of perturbed
+parameters (E‖ĝ - g‖² = (n + 1)‖g‖² for one Gaussian v). The estimators and the sampler
+here lower it without a backward pass:
+
+- ``orthogonal-gaussian`` (sampler): per parameter, the K directions are orthogonalised and
+  scaled to length √n (a random orthonormal frame times √n), so E[v vᵀ] = I still holds and
+  FG-W stays unbiased, while the K directions never repeat each other.
+- ``blockwise`` (estimator): every block (by default a layer: a weight and the 1-D parameters
+  after it, such as its bias) gets directional derivatives of its own, perturbing that block
+  alone, so a derivative speaks for n_b parameters, not n: block b's error is (n_b + 1)‖g_b‖²,
+  without the other blocks' n_b Σ‖g_c‖². Unbiased; costs one forward pass per block (the
+  primal is recomputed for each; dropout draws the same mask in every pass).
+  ``blocks_per_step=m`` perturbs m random blocks per step, scaled by B/m (still unbiased).
+  ``blockwise-parameter`` is ``blockwise`` with one block per tensor (a bias apart from its
+  weight).
+- ``blockwise-scaled`` (estimator): ``blockwise`` with each block's estimate divided by
+  √(n_b + 2), its expected excess norm, so every block's update has about backprop's norm
+  and one learning rate suits blocks of any size. That is a positive per-block scaling of
+  an unbiased estimate: it estimates D g, not g (biased in scale, a descent direction).
+- ``guided`` (estimator): direction 1 is a guess, the normalised running mean of past
+  estimates, û; the other K - 1 are Gaussian directions projected off û. The estimate
+  (∇f·û) û + (1/(K-1)) Σ (∇f·P v) P v is unbiased (û depends on past steps only) and has no
+  error along û. Its state (the running mean) is in ``state_dict()``.
+
+>>> import torch
+>>> from fwdgrad_plugins import ForwardGradientEstimator
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+>>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+>>> fg = ForwardGradientEstimator(estimator="blockwise", seed=0)
+>>> estimate = fg.backward(lambda: torch.nn.functional.mse_loss(model(x), y), model.parameters())
+>>> estimate.directional_derivatives.shape   # one derivative per layer
+torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fwdgrad_plugins import counter_rng
+from fwdgrad_plugins.errors import ParametersNotUsedError
+from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
+from fwdgrad_plugins.forward_mode import directional_derivatives
+from fwdgrad_plugins.hookspecs import hookimpl
+from fwdgrad_plugins.tangents import RankOne, TangentSampler, combine, derive_seed, draw_like
+
+__all__ = ["OrthogonalGaussianSampler", "BlockwiseWeightPerturbation", "GuidedWeightPerturbation",
+           "parameter_blocks", "size_scaled_param_groups"]
+
+
+# ---- orthogonal directions -------------------------------------------------------------------
+
+class OrthogonalGaussianSampler:
+    """K tangents per parameter that are orthogonal to each other, each of length √n (n: the
+    parameter's size): the first K columns of a Haar-random orthogonal matrix, times √n, so
+    E[v vᵀ] = I and FG-W stays unbiased. When K > n, the directions come in groups of n, each
+    group orthogonal. Drawn from the same counter-based stream as ``gaussian``.
+
+    >>> w = torch.zeros(5, 2)
+    >>> v = OrthogonalGaussianSampler().sample([w], num_directions=3, seed=0)[0].flatten(1)
+    >>> torch.allclose(v @ v.T, 10 * torch.eye(3), atol=1e-4)
+    True
+    """
+
+    def sample(self, params, num_directions, seed, workspace=None):
+        drawn = draw_like([(num_directions, *p.shape) for p in params], params, seed, counter_rng.normal, workspace)
+        if workspace is None:
+            return [orthogonalise(t) for t in drawn]
+        return [t.copy_(orthogonalise(t)) for t in drawn]  # stay in the workspace's memory
+
+
+def orthogonalise(tangent: Tensor) -> Tensor:
+    """The (K, *shape) Gaussian ``tangent``'s K rows made orthonormal (in groups of at most n
+    rows), times √n. QR with the signs of R's diagonal fixed gives a Haar-random frame."""
+    k, n = tangent.shape[0], tangent[0].numel()
+    if n == 1:
+        return torch.sign(tangent) + (tangent == 0)  # ±1: the only directions of length 1
+    group = min(k, n)
+    groups = -(-k // group)
+    flat = tangent.reshape(k, n).float()
+    if groups * group > k:  # pad the last group with more Gaussian rows (dropped after QR)
+        flat = torch.cat([flat, flat[: groups * group - k].flip(1)])
+    q, r = torch.linalg.qr(flat.view(groups, group, n).transpose(1, 2))  # (G, n, group)
+    signs = torch.sign(torch.diagonal(r, dim1=1, dim2=2))
+    frames = (q * torch.where(signs == 0, 1.0, signs).unsqueeze(1)).transpose(1, 2)
+    rows = frames.reshape(groups * group, n)[:k]
+    return (rows * math.sqrt(n)).to(tangent.dtype).reshape(tangent.shape)
+
+
+# ---- blocks of parameters --------------------------------------------------------------------
+
+BLOCKINGS = ("layer", "parameter")
+
+
+def parameter_blocks(params: Sequence[Tensor], blocks: str = "layer") -> list[list[int]]:
+    """Indices of ``params`` grouped into blocks. ``"parameter"``: one block per tensor.
+    ``"layer"``: a parameter of two or more dimensions and the 1-D ones that follow it (a
+    layer's weight and its bias, as ``module.parameters()`` lists them); 1-D parameters
+    before the first weight join it.
+
+    >>> layer = torch.nn.Linear(3, 2)
+    >>> parameter_blocks([layer.weight, layer.bias, torch.zeros(4, 4)])
+    [[0, 1], [2]]
+    """
+    if blocks not in BLOCKINGS:
+        raise ValueError(f"blocks must be one of {BLOCKINGS}, got {blocks!r}: 'layer' groups a "
+                         "weight with its bias, 'parameter' makes every tensor a block.")
+    if blocks == "parameter":
+        return [[i] for i in range(len(params))]
+    groups: list[list[int]] = []
+    pending: list[int] = []  # 1-D parameters seen before any weight
+    for i, p in enumerate(params):
+        if p.dim() >= 2:
+            groups.append(pending + [i])
+            pending = []
+        elif groups:
+            groups[-1].append(i)
+        else:
+            pending.append(i)
+    if pending:
+        groups.append(pending)
+    return groups
+
+
+def size_scaled_param_groups(params, lr: float, *, blocks: str = "layer", power: float = 0.5) -> list[dict]:
+    """Optimizer parameter groups with a learning rate per block, lr · (n_min / n_b)^power (n_b:
+    the block's size, n_min: the smallest block's): the smallest block trains at ``lr``, a block
+    100x larger at lr/10 with the default power. For an optimizer that normalises the update
+    per coordinate (Adam), where scaling the estimate itself changes nothing: a block's
+    forward-gradient noise grows as √n_b, so a large block needs a smaller step.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(100, 4), torch.nn.Linear(4, 1))
+    >>> [round(g["lr"], 4) for g in size_scaled_param_groups(model.parameters(), 1e-2)]
+    [0.0011, 0.01]
+    """
+    params = [p for p in params if p.requires_grad]
+    groups = parameter_blocks(params, blocks)
+    sizes = [sum(params[i].numel() for i in g) for g in groups]
+    return [{"params": [params[i] for i in g], "lr": lr * (min(sizes) / n) ** power} for g, n in zip(groups, sizes)]
+
+
+@contextlib.contextmanager
+def same_randomness(params: Sequence[Tensor]):
+    """Yields a function that resets torch's RNG (and the parameters' CUDA devices') to its
+    state on entry: every forward pass of one estimate then draws the same dropout mask."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def reset():
+        torch.set_rng_state(cpu_state)
+        for device, state in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(state, device)
+
+    yield reset
+
+
+def _dense(tangent) -> Tensor:
+    return tangent.dense() if isinstance(tangent, RankOne) else tangent
+
+
+class BlockwiseWeightPerturbation:
+    """Block-wise FG-W: each block's K directions perturb that block alone.
+
+    For block b of n_b parameters, ĝ_b = (B/m)(1/K) Σ_k (∇_b f·v_bk) v_bk (m of the B blocks
+    chosen per step, all by default), optionally times 1/√(n_b + 2) (``scale_by_size``).
+
+    Args:
+        blocks: ``"layer"`` or ``"parameter"`` (see :func:`parameter_blocks`).
+        blocks_per_step: perturb this many blocks per step, chosen at random from the step's
+            seed (the same on every process); None: every block.
+        scale_by_size: divide each block's estimate by √(n_b + 2) (biased in scale: see the
+            module's docstring).
+    """
+
+    reduces_gradients = False
+
+    def __init__(self, *, blocks: str = "layer", blocks_per_step: Optional[int] = None,
+                 scale_by_size: bool = False):
+        parameter_blocks([], blocks)  # validates the name
+        if blocks_per_step is not None and (isinstance(blocks_per_step, bool) or not isinstance(
+                blocks_per_step, int) or blocks_per_step < 1):
+            raise ValueError(f"blocks_per_step must be a positive integer or None, got {blocks_per_step!r}.")
+        self.blocks, self.blocks_per_step, self.scale_by_size = blocks, blocks_per_step, scale_by_size
+
+    def chosen_blocks(self, num_blocks: int, seed: int) -> list[int]:
+        m = num_blocks if self.blocks_per_step is None else min(self.blocks_per_step, num_blocks)
+        if m == num_blocks:
+            return list(range(num_blocks))
+        generator = torch.Generator().manual_seed(derive_seed(seed, 0xB10C) & ((1 << 62) - 1))
+        return sorted(torch.randperm(num_blocks, generator=generator)[:m].tolist())
+
+    def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
+                 seed: int, reduce: Optional[Reduce] = None) -> Estimate:
+        groups = parameter_blocks(params, self.blocks)
+        chosen = self.chosen_blocks(len(groups), seed)
+        tangents: dict[int, object] = {}
+        parts, loss, frozen = [], None, {}
+        with same_randomness(params) as reset_randomness:
+            for b in chosen:
+                block = [params[i] for i in groups[b]]
+                drawn = sampler.sample(block, num_directions, derive_seed(seed, b))
+                reset_randomness()
+                try:
+                    result = directional_derivatives(closure, block, drawn)
+                except ParametersNotUsedError:  # this block is not used by the loss
+                    parts.append(torch.zeros(num_directions))
+                    continue
+                loss = result.loss if loss is None else loss
+                parts.append(result.derivatives)
+                for i, t, used, rows in zip(groups[b], drawn, result.used, result.frozen_rows):
+                    if used:
+                        tangents[i] = t
+                        frozen[i] = rows
+        if loss is None:
+            raise ParametersNotUsedError(
+                "the closure used none of the parameters being trained: pass the parameters of "
+                "the model that the closure calls (and give frozen ones requires_grad=False).")
+        derivatives = torch.cat(parts)
+        if reduce is not None:
+            derivatives = reduce(derivatives)
+        check_finite(loss, derivatives)
+        per_block = derivatives.view(len(chosen), num_directions) * (len(groups) / len(chosen) / num_directions)
+        grads: list[Optional[Tensor]] = [None] * len(params)
+        for row, b in enumerate(chosen):
+            scale = 1.0
+            if self.scale_by_size:
+                scale = 1 / math.sqrt(sum(params[i].numel() for i in groups[b]) + 2)
+            for i in groups[b]:
+                if i in tangents:
+                    grads[i] = combine(tangents[i], per_block[row] * scale)
+                    if frozen[i]:
+                        grads[i][frozen[i]] = 0
+        return Estimate(loss, derivatives, grads)
+
+
+# ---- guided directions -----------------------------------------------------------------------
+
+class GuidedWeightPerturbation:
+    """FG-W along a guess of the gradient plus isotropic directions off it; unbiased.
+
+    The guess û is the running mean of past estimates (m ← β m + (1 - β) ĝ), normalised over
+    all parameters. With v_1..v_{K-1} ~ N(0, I) and P = I - û ûᵀ, the estimate
+
+        ĝ = (∇f·û) û + 1/(K-1) Σ_k (∇f·P v_k) P v_k
+
+    has expectation û ûᵀ g + P g = g, and no error along û. The K derivatives are ∇f·û and
+    ∇f·v_k; ∇f·P v_k = ∇f·v_k - (∇f·û)(û·v_k). Before the first step (no guess yet) it is
+    plain FG-W over the K directions. Keeps one parameter-sized buffer.
+
+    With K = 1 a step takes one of the two parts, each with probability 1/2 (from the step's
+    seed, the same on every process), times 2: 2 (∇f·û) û or 2 (∇f·P v) P v; still unbiased.
+
+    Args:
+        momentum: β, the weight of the past in the running mean.
+    """
+
+    reduces_gradients = False
+
+    def __init__(self, *, momentum: float = 0.9):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+        self.momentum = float(momentum)
+        self.mean: Optional[list[Tensor]] = None  # the running mean of estimates, per parameter
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum, "mean": None if self.mean is None else [m.clone() for m in self.mean]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum = float(state["momentum"])
+        self.mean = None if state["mean"] is None else [m.clone() for m in state["mean"]]
+
+    def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
+                 seed: int, reduce: Optional[Reduce] = None) -> Estimate:
+        if self.mean is not None and [m.shape for m in self.mean] != [p.shape for p in params]:
+            raise ValueError("the guided estimator's running mean was built for other parameters: "
+                             "use one estimator per set of parameters.")
+        norm = None if self.mean is None else math.sqrt(sum(float(m.double().pow(2).sum()) for m in self.mean))
+        if num_directions == 1:
+            return self._one_direction(closure, params, sampler, seed, reduce, norm)
+        random = [_dense(t) for t in sampler.sample(params, num_directions - 1, seed)]
+        if not norm:  # no guess yet: plain FG-W over K random directions
+            extra = [_dense(t) for t in sampler.sample(params, 1, derive_seed(seed, 1))]
+            tangents = [torch.cat([e, r]) for e, r in zip(extra, random)]
+        else:
+            tangents = [torch.cat([(m / norm).unsqueeze(0).to(r.dtype), r]) for m, r in zip(self.mean, random)]
+        result = directional_derivatives(closure, params, tangents)
+        derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+        check_finite(result.loss, derivatives)
+        used = result.used
+        if not norm:
+            grads = [torch.tensordot(derivatives / num_directions, t, dims=1) if u else None
+                     for t, u in zip(tangents, used)]
+        else:
+            guess = [t[0] for t in tangents]
+            overlap = sum(t[1:].reshape(num_directions - 1, -1).double() @ g.reshape(-1).double()
+                          for g, t, u in zip(guess, tangents, used) if u).float()  # (K-1,): û·v_k
+            along = derivatives[0]
+            projected = (derivatives[1:] - along * overlap) / (num_directions - 1)  # ∇f·P v_k / (K-1)
+            grads = []
+            for g, t, u in zip(guess, tangents, used):
+                if not u:
+                    grads.append(None)
+                    continue
+                # Σ_k c_k P v_k + (∇f·û) û  with P v_k = v_k - (û·v_k) û
+                grads.append(torch.tensordot(projected, t[1:], dims=1)
+                             + (along - (projected * overlap).sum()) * g)
+        for grad, rows in zip(grads, result.frozen_rows):
+            if rows and grad is not None:
+                grad[rows] = 0
+        self._update_mean(params, grads)
+        return Estimate(result.loss, derivatives, grads)
+
+    def _one_direction(self, closure, params, sampler, seed, reduce, norm) -> Estimate:
+        """K = 1: along the guess or, as likely, along a direction projected off it, times 2."""
+        (tangents,) = [[_dense(t) for t in sampler.sample(params, 1, seed)]]
+        scale = 1.0
+        if norm:
+            guess = [(m / norm).to(t.dtype) for m, t in zip(self.mean, tangents)]
+            scale = 2.0
+            if derive_seed(seed, 0x6E55) % 2:  # along the guess
+                tangents = [g.unsqueeze(0) for g in guess]
+            else:  # P v = v - (û·v) û
+                overlap = sum(float((g.double() * t[0].double()).sum()) for g, t in zip(guess, tangents))
+                tangents = [t - overlap * g.unsqueeze(0) for g, t in zip(guess, tangents)]
+        result = directional_derivatives(closure, params, tangents)
+        derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+        check_finite(result.loss, derivatives)
+        grads = [t[0] * (scale * derivatives[0]).to(t.dtype) if u else None for t, u in zip(tangents, result.used)]
+        for grad, rows in zip(grads, result.frozen_rows):
+            if rows and grad is not None:
+                grad[rows] = 0
+        self._update_mean(params, grads)
+        return Estimate(result.loss, derivatives, grads)
+
+    def _update_mean(self, params, grads) -> None:
+        if self.mean is None:
+            self.mean = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for m, g in zip(self.mean, grads):
+            if g is not None:
+                m.mul_(self.momentum).add_(g.float(), alpha=1 - self.momentum)
+
+
+@hookimpl
+def register_tangent_samplers(register):
+    register("orthogonal-gaussian", OrthogonalGaussianSampler)
+
+
+@hookimpl
+def register_estimators(register):
+    register("blockwise", BlockwiseWeightPerturbation)
+    register("blockwise-parameter", lambda **options: BlockwiseWeightPerturbation(**{"blocks": "parameter", **options}))
+    register("blockwise-scaled", lambda **options: BlockwiseWeightPerturbation(**{"scale_by_size": True, **options}))
+    register("guided", GuidedWeightPerturbation)
