@@ -42,6 +42,8 @@ from fwdgrad_plugins.estimators import ForwardGradientEstimator, trainable_param
 FWDGRAD = "fwdgrad"
 FORWARD_SGD = "forward_sgd"  # --fwdgrad_inner_optim value: ForwardSGD, the update without .grad
 ESTIMATOR_STATE_NAME = "forward_gradient.json"  # in each checkpoint folder, next to optimizer.pt
+# An estimator's own state (tensors, e.g. the "guided" estimator's running mean), beside it.
+ESTIMATOR_TENSORS_NAME = "forward_gradient_estimator.pt"
 ENABLE_HINT = (
     "use `from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments` in place of "
     "Trainer and TrainingArguments (HfArgumentParser(FwdGradTrainingArguments) for scripts)"
@@ -325,8 +327,12 @@ class FwdGradTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.forward_gradient is not None and self.args.should_save:
+            state = dict(self.forward_gradient.state_dict())
+            own = state.pop("estimator_state", None)
             with open(os.path.join(output_dir, ESTIMATOR_STATE_NAME), "w") as file:
-                json.dump(self.forward_gradient.state_dict(), file, indent=2)
+                json.dump(state, file, indent=2)
+            if own is not None:
+                torch.save(own, os.path.join(output_dir, ESTIMATOR_TENSORS_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -340,7 +346,11 @@ class FwdGradTrainer(Trainer):
                 "with, or load its weights with from_pretrained() and start a new --optim fwdgrad run."
             )
         with open(path) as file:
-            self.forward_gradient.load_state_dict(json.load(file))
+            state = json.load(file)
+        tensors = os.path.join(checkpoint, ESTIMATOR_TENSORS_NAME)
+        if os.path.isfile(tensors):
+            state["estimator_state"] = torch.load(tensors, map_location="cpu", weights_only=True)
+        self.forward_gradient.load_state_dict(state)
 
 
 def _scale_estimate(estimate, param_groups, scale: float) -> None:

@@ -177,7 +177,8 @@ def test_accumulated_estimate_is_trainers_gradient_projected_on_each_micro_batch
         torch.testing.assert_close(forward.applied[n], want, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_resume_from_checkpoint_ends_bit_identical(tmp_path):
+@pytest.mark.parametrize("estimator", ["weight", "guided"])  # guided: tensors of its own
+def test_resume_from_checkpoint_ends_bit_identical(estimator, tmp_path):
     """Accumulation, warm-up + linear decay, clipping and dropout: 4 steps in one go equal 2
     steps, a checkpoint, and 2 resumed steps in a new trainer."""
 
@@ -186,7 +187,8 @@ def test_resume_from_checkpoint_ends_bit_identical(tmp_path):
         model = tiny_bert()
         args = arguments(output_dir, max_steps=4, save_steps=2, save_strategy="steps", gradient_accumulation_steps=2,
                          per_device_train_batch_size=2, lr_scheduler_type="linear", warmup_steps=1,
-                         max_grad_norm=0.5, fwdgrad_inner_optim="adamw_torch", fwdgrad_num_directions=2)
+                         max_grad_norm=0.5, fwdgrad_inner_optim="adamw_torch", fwdgrad_num_directions=2,
+                         fwdgrad_estimator=estimator)
         trainer = FwdGradTrainer(model=model, args=args, train_dataset=classification_data())
         trainer.train(resume_from_checkpoint=resume)
         return trainer, snapshot(model)
