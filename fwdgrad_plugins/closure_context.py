@@ -101,6 +101,25 @@ class _ModuleStack:
         return f"{name} ({kind})" if name else f"{kind} (the outermost module)"
 
 
+_first_closure = True
+
+
+@contextlib.contextmanager
+def _quiet_first_dual():
+    """torch loads its forward-AD decompositions at a process's first dual tensor, through
+    ``torch.jit.script``, which warns that it is deprecated: torch's own warning, nothing a
+    user can act on. Silenced during the first closure only: ``catch_warnings`` on every step
+    would reset the warning registries, and the closure's own warnings would repeat."""
+    global _first_closure
+    if not _first_closure:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
+    _first_closure = False
+
+
 @contextlib.contextmanager
 def closure_context():
     """Run a forward-mode closure: eager, math attention, RNNs without oneDNN, modules tracked.
@@ -108,7 +127,8 @@ def closure_context():
     An exception leaving the block carries the path of the module that raised it in its
     ``fwdgrad_module_path`` attribute (see :func:`module_path`).
     """
-    with torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), _ModuleStack().tracking():
+    with (torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]),
+          _ModuleStack().tracking(), _quiet_first_dual()):
         yield
 
 

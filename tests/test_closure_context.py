@@ -132,3 +132,17 @@ def test_an_error_caught_inside_the_closure_does_not_confuse_the_module_path():
     model, x = Tolerant(), torch.randn(2, 4)
     with pytest.raises(UnsupportedOperationError, match=r"run by module Tolerant \(the outermost module\)"):
         ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1)).step(lambda: model(x).sum())
+
+
+def test_a_first_step_shows_none_of_torchs_own_deprecation_warnings():
+    """torch's first dual tensor loads decompositions through the deprecated torch.jit.script;
+    its FutureWarning is torch's, not the user's, and must not reach them (a fresh process)."""
+    import subprocess
+    import sys
+
+    script = ("import torch; from fwdgrad_plugins import ForwardGradient; m = torch.nn.Linear(2, 1); "
+              "opt = ForwardGradient(torch.optim.SGD(m.parameters(), lr=0.1)); "
+              "opt.step(lambda: m(torch.ones(3, 2)).sum())")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
