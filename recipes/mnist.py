@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -36,9 +35,6 @@ from fwdgrad_plugins import ForwardGradientEstimator, counter_rng, local_losses
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 
-# torch's forward AD scripts its jvp decompositions on first use; torch.jit.script then warns
-# that it is deprecated: torch's own call, nothing this run can act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 MODELS = {"mlp": models.paper_mlp, "cnn": models.paper_cnn}
 # Estimators that train a model of their own shape: the wrapper builds it from the plain model
 # (after the shared initial weights are loaded); backprop always trains the plain model.
