@@ -130,3 +130,19 @@ def test_streamed_directions_equal_one_vmap_pass(model_name, name):
     torch.testing.assert_close(streamed.derivatives, whole.derivatives, rtol=1e-4, atol=1e-5)
     for key, value in model.named_buffers():
         torch.testing.assert_close(value, after_whole[key])
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_by_default_one_direction_streams_only_above_the_size_threshold(num_directions):
+    """Streaming draws each tangent twice; below ``STREAM_MIN_BYTES`` of parameters one
+    direction is drawn whole (it becomes the gradient), above it streamed; K > 1 is drawn
+    whole for one vmap pass either way, and ``streamed=True`` streams any size and K."""
+    from fwdgrad_plugins.estimators import WeightPerturbation
+
+    params = [torch.zeros(64, 64), torch.zeros(64)]
+    small, large, forced = WeightPerturbation(), WeightPerturbation(), WeightPerturbation(streamed=True)
+    large.STREAM_MIN_BYTES = 1024  # these parameters' 16.6 kB are then "large"
+    draw = lambda estimator: estimator.tangents(sampler("gaussian"), params, num_directions, seed=0)
+    assert not is_streamed(draw(small))
+    assert is_streamed(draw(large)) == (num_directions == 1)
+    assert is_streamed(draw(forced))
