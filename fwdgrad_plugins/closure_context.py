@@ -43,6 +43,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fwdgrad_plugins.errors import LossWithoutTangentError
 
 MODULE_PATH = "fwdgrad_module_path"  # the attribute an error raised in a closure gets
+# A compiled module called while global module hooks exist warns that the hooks see it and its
+# _orig_mod; ours are installed only while a closure runs, and path() knows both. Filtered
+# once here: catch_warnings() on every step would reset the warning registries, and every
+# warning of the closure's own would then repeat at each step.
+warnings.filterwarnings("ignore", "Using `torch.compile\\(module\\)` when there are global hooks")
 
 
 class _ModuleStack:
@@ -80,10 +85,7 @@ class _ModuleStack:
         pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
         post = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
         try:
-            with warnings.catch_warnings():
-                # A compiled module warns that global hooks see it and its _orig_mod: path() knows.
-                warnings.filterwarnings("ignore", "Using `torch.compile\\(module\\)` when there are global hooks")
-                yield self
+            yield self
         finally:
             pre.remove()
             post.remove()
@@ -101,23 +103,25 @@ class _ModuleStack:
         return f"{name} ({kind})" if name else f"{kind} (the outermost module)"
 
 
-_first_closure = True
+_decompositions_loaded = False
 
 
-@contextlib.contextmanager
-def _quiet_first_dual():
+def _load_decompositions_quietly() -> None:
     """torch loads its forward-AD decompositions at a process's first dual tensor, through
     ``torch.jit.script``, which warns that it is deprecated: torch's own warning, nothing a
-    user can act on. Silenced during the first closure only: ``catch_warnings`` on every step
-    would reset the warning registries, and the closure's own warnings would repeat."""
-    global _first_closure
-    if not _first_closure:
-        yield
+    user can act on. A throwaway dual loads them here, once, with that warning silenced,
+    before the closure runs (``catch_warnings`` around a closure would reset the warning
+    registries, and its own warnings would show again)."""
+    global _decompositions_loaded
+    if _decompositions_loaded:
         return
+    _decompositions_loaded = True
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        yield
-    _first_closure = False
+        try:
+            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+        except RuntimeError:  # no dual level open: the closure's first dual loads them
+            pass
 
 
 @contextlib.contextmanager
@@ -127,8 +131,8 @@ def closure_context():
     An exception leaving the block carries the path of the module that raised it in its
     ``fwdgrad_module_path`` attribute (see :func:`module_path`).
     """
-    with (torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]),
-          _ModuleStack().tracking(), _quiet_first_dual()):
+    _load_decompositions_quietly()
+    with torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), _ModuleStack().tracking():
         yield
 
 

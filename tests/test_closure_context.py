@@ -146,3 +146,23 @@ def test_a_first_step_shows_none_of_torchs_own_deprecation_warnings():
     done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_a_warning_of_the_models_own_shows_once_over_many_steps(num_directions):
+    """Nothing the closure runs under resets Python's warning registries, so a model's
+    warning (a deprecation, say) shows once, as it would under backprop, not at every step."""
+    import warnings
+
+    class Warns(nn.Linear):
+        def forward(self, x):
+            warnings.warn("a model's own warning", UserWarning)
+            return super().forward(x)
+
+    model = Warns(2, 1)
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1), num_directions=num_directions)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(4):
+            opt.step(lambda: model(torch.ones(3, 2)).sum())
+    assert sum("a model's own warning" in str(w.message) for w in seen) == 1
