@@ -155,27 +155,18 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def smooth(values, window=50):
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def plot(rows, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from mnist import smooth  # recipes/mnist.py's running mean
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for colour, r in enumerate(rows):
         for i, (seed, run) in enumerate(sorted(r["runs"].items())):
             label = f"{r['variant']} (lr {r['best_lr']:g})" if i == 0 else None
-            losses = smooth([loss for _, loss, _ in run["losses"]])
+            losses = smooth([loss for _, loss, _ in run["losses"]], window=50)
             axes[0].plot([s for s, _, _ in run["losses"]], losses, color=f"C{colour}", alpha=0.8, label=label)
             axes[1].plot([t for _, _, t in run["losses"]], losses, color=f"C{colour}", alpha=0.8)
     for ax, x_label in zip(axes, ("step", "training seconds")):
