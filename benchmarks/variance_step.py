@@ -12,28 +12,21 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fwdgrad_plugins import ForwardGradientEstimator
 
-METHODS = {  # name: (estimator, tangents, K); None: backprop
-    "backprop": None,
-    "weight": ("weight", "gaussian", 1),
-    "weight-k2": ("weight", "gaussian", 2),
-    "orthogonal-k2": ("weight", "orthogonal-gaussian", 2),
-    "blockwise": ("blockwise", "gaussian", 1),
-    "blockwise-rank1": ("blockwise", "rank1-gaussian", 1),
-    "guided-k2": ("guided", "gaussian", 2),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from fgw_variants import VARIANTS  # noqa: E402  (the recipe's variants: one table of them)
+from paper_models import paper_mlp  # noqa: E402
 
-
-def paper_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                         nn.Linear(1024, 10))
+TIMED = ("weight", "weight-k2", "orthogonal-k2", "blockwise", "blockwise-rank1", "guided-k2")
+METHODS = {"backprop": None, **{name: VARIANTS[name] for name in TIMED}}  # None: backprop
 
 
 def make_step(spec, seed=0):
