@@ -55,6 +55,7 @@ def blocked_causal_lm_loss(model: torch.nn.Module, input_ids: Tensor, labels: Op
         raise ValueError(f"block_tokens must be a positive integer, got {block_tokens!r}.")
     body, head = _body_and_head(model)
     labels = input_ids if labels is None else labels
+    model_kwargs.setdefault("use_cache", False)  # a KV cache is a copy of every layer's keys and values
     hidden = body(input_ids=input_ids, **model_kwargs)[0]  # (B, T, C)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(T-1), C): token t predicts t + 1
     targets = labels[:, 1:].reshape(-1).to(hidden.device)  # (B·(T-1),)
