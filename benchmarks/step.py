@@ -6,6 +6,7 @@ method once; a ratio is the median over rounds of the two methods' times in one 
 - ``backprop``: ``zero_grad(); loss_fn().backward(); optimizer.step()``;
 - ``step``: ``zero_grad(); ForwardGradient.step(loss_fn)``, as users call it (the tangents
   drawn, the forward-mode pass, the estimate written to ``.grad``, the SGD update);
+- ``forward-sgd``: ``ForwardSGD.step(loss_fn)``, the update without ``.grad``;
 - ``core``: ``directional_derivatives(loss_fn, params, tangents)`` alone, on tangents drawn
   beforehand: the forward-mode pass without drawing tangents or updating.
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fwdgrad_plugins
-from fwdgrad_plugins import ForwardGradient, cpu_memory
+from fwdgrad_plugins import ForwardGradient, ForwardSGD, cpu_memory
 from fwdgrad_plugins.forward_mode import directional_derivatives
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # paper_models, mnist_data
 from paper_models import deep_mlp, paper_cnn, paper_mlp  # noqa: E402
@@ -101,7 +102,7 @@ DEFAULT_CASES = ("paper-mlp-64", "paper-mlp-1024", "paper-cnn-64", "tiny-gpt2")
 
 @dataclass(frozen=True)
 class Method:
-    kind: str  # "backprop", "step" or "core"
+    kind: str  # "backprop", "step", "forward-sgd" or "core"
     sampler: Optional[str] = None
     directions: Optional[int] = None
 
@@ -139,11 +140,14 @@ def make_runner(method: Method, work: Workload) -> Callable[[], None]:
 
         forward_gradient_step.workspace = optimizer.estimator.estimator.workspace  # see peak_memory_here
         return forward_gradient_step
+    if method.kind == "forward-sgd":
+        optimizer = ForwardSGD(params, lr=LR, num_directions=method.directions, tangents=method.sampler, seed=0)
+        return lambda: optimizer.step(work.loss_fn)
     if method.kind == "core":
         sampler = fwdgrad_plugins.get("tangent_samplers", method.sampler)()
         tangents = sampler.sample(params, method.directions, 0)
         return lambda: directional_derivatives(work.loss_fn, params, tangents)
-    raise ValueError(f"unknown method kind {method.kind!r}: use backprop, step or core")
+    raise ValueError(f"unknown method kind {method.kind!r}: use backprop, step, forward-sgd or core")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -372,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated, or 'all': {', '.join(CASES)}")
     parser.add_argument("--samplers", default="all", help="comma-separated tangent samplers, or 'all'")
     parser.add_argument("--directions", default="1,4,16", help="comma-separated K values")
-    parser.add_argument("--methods", default="step,core", help="forward-gradient methods: step, core")
+    parser.add_argument("--methods", default="step,core", help="forward-gradient methods: step, forward-sgd, core")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per method (>= 20 for reports)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory measurement")
@@ -411,7 +415,7 @@ def main(argv=None) -> list[Row]:
     directions = [int(k) for k in args.directions.split(",")]
     memory_directions = directions if args.memory_directions == "all" else [
         int(k) for k in args.memory_directions.split(",")]
-    kinds = _names(args.methods, ["step", "core"], "method")
+    kinds = _names(args.methods, ["step", "forward-sgd", "core"], "method")
     methods = [Method("backprop")] + [Method(kind, s, k) for kind in kinds for s in samplers
                                       for k in directions]
     rows = []
@@ -422,7 +426,7 @@ def main(argv=None) -> list[Row]:
         memory = {}
         if not args.no_memory:
             for m in methods:
-                if m.kind == "backprop" or (m.kind == "step" and m.directions in memory_directions):
+                if m.kind == "backprop" or (m.kind in ("step", "forward-sgd") and m.directions in memory_directions):
                     memory[m.name] = peak_memory(case, m, device, args.memory_steps, args.keep_freed_memory)
         case_rows = build_rows(case, times, memory, faults)
         print(format_table(case_rows), flush=True)

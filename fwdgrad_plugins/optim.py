@@ -8,8 +8,10 @@ parameter is updated in place, one at a time:
     θ ← θ − lr · ((1/K) Σ_k d_k v_k + weight_decay · θ)
 
 (the update of ``torch.optim.SGD`` without momentum, given the forward gradient as ``.grad``,
-computed in the same order). A step holds the parameters, the activations of the layers in
-flight and one parameter's tangents: for a model whose parameters dominate its memory (an
+computed in the same order). Below ``WeightPerturbation.STREAM_MIN_BYTES`` (32 MiB) of
+parameters, one direction's tangent is drawn once, whole, and reused by the update, since
+a second draw would cost more time than the memory it saves. A step holds the parameters,
+the activations of the layers in flight and one parameter's tangents: for a model whose parameters dominate its memory (an
 LLM), about what running it costs. Optimizers with state the size of the parameters (Adam)
 gain nothing from this: use :class:`~fwdgrad_plugins.integrations.torch_optim.ForwardGradient`.
 
@@ -34,7 +36,7 @@ from torch import Tensor
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, trainable_parameters
-from fwdgrad_plugins.streaming import tangent_stream
+from fwdgrad_plugins.streaming import is_streamed, tangent_stream
 from fwdgrad_plugins.tangents import combine, derive_seed
 
 
@@ -67,9 +69,11 @@ class ForwardSGD(torch.optim.Optimizer):
         estimator: "weight" (forward mode) or "spsa" (finite differences), or a plugin's
             estimator with ``tangents()`` and ``derivatives()`` methods.
         estimator_options: keyword arguments for the estimator (``{"epsilon": 1e-3}``). For
-            "weight" the default is ``{"streamed": True}``: K > 1 directions run as K
-            streamed forward-mode passes, with the memory of one (``{"streamed": None}``:
-            one ``vmap`` pass over whole tangents, faster, K copies of the parameters).
+            "weight" with K > 1 the default is ``{"streamed": True}``: K streamed
+            forward-mode passes, with the memory of one (``{"streamed": None}``: one ``vmap``
+            pass over whole tangents, faster, K copies of the parameters). One direction is
+            streamed above ``WeightPerturbation.STREAM_MIN_BYTES`` of parameters; below, its
+            tangent is drawn once, whole, and the update reuses it instead of redrawing it.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, *, num_directions: int = 1,
@@ -84,8 +88,8 @@ class ForwardSGD(torch.optim.Optimizer):
                 "use 1 for the paper's estimator, more to lower its variance."
             )
         self.sampler = plugins.get("tangent_samplers", tangents)()
-        if estimator_options is None and estimator == "weight":
-            estimator_options = {"streamed": True}  # K > 1 as K streamed passes: the memory of K = 1
+        if estimator_options is None and estimator == "weight" and num_directions > 1:
+            estimator_options = {"streamed": True}  # K streamed passes: the memory of K = 1
         self.estimator = plugins.get("estimators", estimator)(**(estimator_options or {}))
         if not all(callable(getattr(self.estimator, m, None)) for m in ("tangents", "derivatives")):
             raise ValueError(
@@ -98,7 +102,7 @@ class ForwardSGD(torch.optim.Optimizer):
         self.seed = int(seed)
         self.forward_step = 0  # micro-batches estimated so far: the tangents' counter
         self.skipped_steps = 0
-        self._pending: list = []  # (seed, derivatives, used, frozen rows) since the last update
+        self._pending: list = []  # (seed, derivatives, used, frozen rows, whole tangents or None) since the last update
         self._accumulated = False
 
     @property
@@ -126,7 +130,8 @@ class ForwardSGD(torch.optim.Optimizer):
             warnings.warn(f"skipped update {self.forward_step - 1} ({self.skipped_steps} so far): {error}",
                           RuntimeWarning, stacklevel=2)
             return Estimate(torch.tensor(float("nan")), derivatives, [], skipped=True)
-        self._pending.append((seed, derivatives, result.used, result.frozen_rows))
+        whole = None if is_streamed(tangents) else tangents  # a whole draw is reused, not redrawn
+        self._pending.append((seed, derivatives, result.used, result.frozen_rows, whole))
         return Estimate(result.loss, derivatives, [])
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,
@@ -152,8 +157,8 @@ class ForwardSGD(torch.optim.Optimizer):
         params = self._parameters()
         index = {id(p): i for i, p in enumerate(params)}
         K = self.num_directions
-        streams = [(tangent_stream(self.sampler, params, K, seed), d / K if K > 1 else d, used, rows)
-                   for seed, d, used, rows in pending]
+        streams = [(whole or tangent_stream(self.sampler, params, K, seed), d / K if K > 1 else d, used, rows)
+                   for seed, d, used, rows, whole in pending]
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             for p in group["params"]:

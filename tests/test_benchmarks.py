@@ -20,13 +20,14 @@ def run(*args):
 def test_step_benchmark_times_and_measures_memory(tmp_path):
     out = tmp_path / "step.json"
     stdout = run("benchmarks/step.py", "--cases", "paper-mlp-64", "--samplers", "rank1-gaussian",
-                 "--directions", "1,2", "--methods", "step", "--repeats", "3", "--warmup", "1",
+                 "--directions", "1,2", "--methods", "step,forward-sgd", "--repeats", "3", "--warmup", "1",
                  "--memory-steps", "1", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "step.png"))
     report = json.loads(out.read_text())
     assert report["machine"]["keep_freed_memory"] is False
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["method"]: r for r in report["rows"]}
-    assert set(rows) == {"backprop", "step/rank1-gaussian/K=1", "step/rank1-gaussian/K=2"}
+    assert set(rows) == {"backprop", "step/rank1-gaussian/K=1", "step/rank1-gaussian/K=2",
+                         "forward-sgd/rank1-gaussian/K=1", "forward-sgd/rank1-gaussian/K=2"}
     assert "| paper-mlp-64 | step/rank1-gaussian/K=1 |" in stdout
     backprop = rows["backprop"]
     for row in rows.values():
@@ -43,6 +44,8 @@ def test_step_benchmark_times_and_measures_memory(tmp_path):
     gradient_mb = (784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10) * 4 / 2**20
     for name in ("backprop", "step/rank1-gaussian/K=1"):
         assert rows[name]["peak_mb"] > 0.9 * gradient_mb
+    # ForwardSGD writes none: one parameter's update at a time (the largest is 4 MiB)
+    assert rows["forward-sgd/rank1-gaussian/K=1"]["peak_mb"] < 0.75 * gradient_mb
     assert rows["step/rank1-gaussian/K=1"]["peak_vs_backprop"] == pytest.approx(
         rows["step/rank1-gaussian/K=1"]["peak_mb"] / backprop["peak_mb"])
     assert rows["step/rank1-gaussian/K=2"]["peak_mb"] is None  # memory: K=1 unless asked

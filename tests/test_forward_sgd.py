@@ -44,6 +44,25 @@ def test_is_forward_gradient_sgd_without_grad(estimator, tangents, num_direction
     assert changed > 10
 
 
+def test_small_model_draws_its_tangent_once_and_matches_the_streamed_update():
+    model, closure = MODELS["mlp"]()
+    start = copy.deepcopy(model.state_dict())
+    streamed = ForwardSGD(model.parameters(), lr=0.1, seed=2, estimator_options={"streamed": True})
+    run(streamed, closure, 2)
+    expected = copy.deepcopy(model.state_dict())
+    model.load_state_dict(start)
+    opt = ForwardSGD(model.parameters(), lr=0.1, seed=2)  # 1 direction, far below STREAM_MIN_BYTES
+    draws = []
+    sample = opt.sampler.sample
+    opt.sampler.sample = lambda *args, **kwargs: draws.append(1) or sample(*args, **kwargs)
+    opt.sampler.stream = None  # a redraw for the update would now fail
+    run(opt, closure, 2)
+    assert len(draws) == 2  # one whole draw per step, reused by the update
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
+        assert not torch.equal(value, start[key])
+
+
 def test_resume_is_bit_identical():
     model, closure = MODELS["mlp"]()
     start = copy.deepcopy(model.state_dict())
