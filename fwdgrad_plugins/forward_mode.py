@@ -50,6 +50,8 @@ from fwdgrad_plugins.vmap_fallback import Refusals, warn_fallback
 
 _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
+_PRODUCTS = (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)
+_QUOTIENTS = (Tensor.__truediv__, Tensor.div, torch.div)
 _MISSING_RULE_HINTS = ("forward AD", "forward-mode", "forward mode", "jvp")
 
 
@@ -121,6 +123,10 @@ class _PerturbParameters(TorchFunctionMode):
             return self._embedding(*args, **kwargs)
         if func in _CONVOLUTIONS:
             return self._convolution(func, *args, **kwargs)
+        if self.dual_tensors and not kwargs and len(args) == 2 and (func in _PRODUCTS or func in _QUOTIENTS):
+            scaled = _scaled_by_number(func, *args)
+            if scaled is not None:
+                return scaled
         if self.freeze_running_stats:
             if func is F.batch_norm:
                 args, kwargs = _with_copied_running_stats(args, kwargs)
@@ -376,6 +382,24 @@ def directional_derivatives(
             "(and give frozen ones requires_grad=False)."
         )
     return result
+
+
+def _scaled_by_number(func, a, b) -> Optional[Tensor]:
+    """A dual times (or divided by) a Python number, primal and tangent apart, or None for any
+    other call. torch's forward-mode rule takes the number for a tensor whose tangent is zero,
+    and in summing the two terms of the product rule makes a full-size copy of the tangent:
+    one more activation-sized tensor for each ``x * 0.5`` (a LoRA ``* scaling``, the constants
+    of GPT-2's tanh GELU). The values are those of torch's rule (``x_t * c``)."""
+    if func in _PRODUCTS and isinstance(a, (int, float)):
+        a, b = b, a
+    if not isinstance(a, Tensor) or not isinstance(b, (int, float)) or isinstance(b, bool):
+        return None
+    primal, tangent = fwAD.unpack_dual(a)
+    if tangent is None or not primal.is_floating_point():
+        return None
+    if func in _QUOTIENTS:
+        return fwAD.make_dual(primal / b, tangent / b)
+    return fwAD.make_dual(primal * b, tangent * b)
 
 
 def _own_storage(tangent: Tensor) -> Tensor:

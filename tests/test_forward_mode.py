@@ -402,3 +402,34 @@ def test_weight_perturbation_runs_no_backward_pass(no_backward, num_directions):
     fwdgrad_plugins.ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1),
                                     num_directions=num_directions).step(closure)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_products_with_python_numbers_keep_torch_s_values_without_a_copy():
+    """``x * 0.5``, ``0.5 * x``, ``x / 3`` on a dual: primal and tangent apart, the values
+    of torch's own rule, and no full-size copy of the tangent (torch's rule makes one)."""
+    x = torch.randn(8, 64, dtype=torch.float64)
+    w = torch.randn(64, 64, dtype=torch.float64)
+    v = torch.randn(1, 64, 64, dtype=torch.float64)
+
+    def loss_of(weight):
+        h = F.linear(x, weight)
+        h = 0.5 * h * (1.0 + torch.tanh(0.79788456 * (h + 0.044715 * h.pow(3))))  # GPT-2's tanh GELU
+        h = torch.mul(h, 2) / 3.0 + h.div(7.0) + torch.mul(0.25, h)
+        return (h * h.mean()).sum()
+
+    result = directional_derivatives(lambda: loss_of(w), [w], [v])
+    loss, expected = torch.func.jvp(loss_of, (w,), (v[0],))
+    torch.testing.assert_close(result.loss, loss)
+    torch.testing.assert_close(result.derivatives[0], expected.to(result.derivatives.dtype))
+
+    class Copies(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Copies.seen += func is torch.ops.aten._to_copy.default and out.numel() > 1
+            return out
+
+    with Copies():
+        directional_derivatives(lambda: (F.linear(x, w) * 0.5).sum(), [w], [v])
+    assert Copies.seen == 0
