@@ -25,8 +25,8 @@ from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
 from fwdgrad_plugins.forward_mode import DirectionalDerivatives, directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
-from fwdgrad_plugins.streaming import TangentStream, WholeTangents, tangent_stream
-from fwdgrad_plugins.tangents import TangentSampler, Workspace, accepts_workspace, cast, combine, derive_seed
+from fwdgrad_plugins.streaming import TangentStream, WholeTangents, combination, tangent_stream
+from fwdgrad_plugins.tangents import TangentSampler, Workspace, accepts_workspace, cast, derive_seed
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -62,7 +62,7 @@ def estimate_from_derivatives(result: DirectionalDerivatives, tangents: TangentS
     coefficients = derivatives / num_directions if num_directions > 1 else derivatives
     grads = []
     for index, (used, rows) in enumerate(zip(result.used, result.frozen_rows)):
-        grad = combine(tangents.draw_all(index), coefficients) if used else None
+        grad = combination(tangents, index, coefficients) if used else None
         if rows:
             grad[rows] = 0  # e.g. an embedding's padding row, which autograd never updates
         grads.append(grad)

@@ -36,8 +36,8 @@ from torch import Tensor
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, trainable_parameters
-from fwdgrad_plugins.streaming import is_streamed, tangent_stream
-from fwdgrad_plugins.tangents import combine, derive_seed
+from fwdgrad_plugins.streaming import combination, is_streamed, tangent_stream
+from fwdgrad_plugins.tangents import derive_seed
 
 
 class ForwardSGD(torch.optim.Optimizer):
@@ -169,7 +169,7 @@ class ForwardSGD(torch.optim.Optimizer):
                 for stream, coefficients, used, rows in streams:
                     if not used[i]:
                         continue
-                    term = combine(stream.draw_all(i), coefficients)
+                    term = combination(stream, i, coefficients)
                     if rows[i]:
                         term[rows[i]] = 0  # e.g. an embedding's padding row, which autograd never updates
                     update = term if update is None else update.add_(term)

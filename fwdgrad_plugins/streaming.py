@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fwdgrad_plugins.tangents import RankOne, Tangent, cast
+from fwdgrad_plugins.tangents import RankOne, Tangent, cast, combine
 
 Direction = Union[Tensor, tuple]  # one direction of one parameter: dense, or (u, w) for u wᵀ
 
@@ -184,3 +184,17 @@ def tangent_stream(sampler, params: Sequence[Tensor], num_directions: int, seed:
 def is_streamed(tangents) -> bool:
     """Whether ``tangents`` draws on demand (a stream that is not a whole draw)."""
     return isinstance(tangents, TangentStream) and not isinstance(tangents, WholeTangents)
+
+
+def combination(tangents: TangentStream, index: int, coefficients: Tensor) -> Tensor:
+    """Σ_k c_k v_k for parameter ``index``, shaped like it: from a stream, one direction at a
+    time (K tangents of an embedding at once would be K copies of it), else from the whole
+    draw (:func:`~fwdgrad_plugins.tangents.combine`)."""
+    if not is_streamed(tangents) or len(coefficients) == 1:
+        return combine(tangents.draw_all(index), coefficients)
+    total = None
+    for k, c in enumerate(coefficients.tolist()):
+        direction = tangents.draw(index, k)
+        term = torch.outer(direction[0] * c, direction[1]) if isinstance(direction, tuple) else direction.mul_(c)
+        total = term if total is None else total.add_(term)
+    return total

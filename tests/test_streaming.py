@@ -6,8 +6,8 @@ import torch
 import fwdgrad_plugins
 from fwdgrad_plugins import directional_derivatives
 from fwdgrad_plugins.estimators import ForwardGradientEstimator, trainable_parameters
-from fwdgrad_plugins.streaming import LazyDirection, WholeTangents, is_streamed, tangent_stream
-from fwdgrad_plugins.tangents import GaussianSampler, RankOne
+from fwdgrad_plugins.streaming import LazyDirection, WholeTangents, combination, is_streamed, tangent_stream
+from fwdgrad_plugins.tangents import GaussianSampler, RankOne, combine
 
 from toy_models import MODELS
 
@@ -36,6 +36,21 @@ def test_each_slice_is_the_whole_draws(name, num_directions):
             one = torch.outer(*one) if isinstance(one, tuple) else one
             assert one.dtype == params[i].dtype
             torch.testing.assert_close(one, as_dense(expected)[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("num_directions", [1, 4])
+def test_combination_of_a_stream_draws_one_direction_at_a_time(name, num_directions, monkeypatch):
+    params = [torch.zeros(30, 40), torch.zeros(5)]
+    coefficients = torch.tensor([0.5, -2.0, 1.5, 3.0])[:num_directions]
+    whole = sampler(name).sample(params, num_directions, seed=5)
+    stream = tangent_stream(sampler(name), params, num_directions, seed=5)
+    if num_directions > 1:  # all K at once would be K copies of the parameter
+        monkeypatch.setattr(stream, "draw_all", None)
+    for i, tangents in enumerate(whole):
+        torch.testing.assert_close(combination(stream, i, coefficients), combine(tangents, coefficients),
+                                   rtol=1e-5, atol=1e-5)
+        assert combination(WholeTangents(params, whole), i, coefficients).shape == params[i].shape
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
