@@ -338,8 +338,8 @@ def main(argv=None) -> list[dict]:
                         help="every method's loss: the model's own, or the same with the vocabulary "
                         "logits in blocks of 64 tokens (fwdgrad_plugins.lm_loss)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="combine the results of earlier runs' --json files into one report (with "
-                        "--cases/--methods: rerun those, replacing their earlier results)")
+                        help="combine the results of earlier runs' --json files into one report (a later "
+                        "file's results replace an earlier one's; with --cases/--methods: rerun those too)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--markdown", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
@@ -359,7 +359,8 @@ def main(argv=None) -> list[dict]:
         for path in args.merge:
             with open(path) as file:
                 earlier = json.load(file)
-            results += earlier["results"]
+            replaced = {(r["case"], r["method"]) for r in earlier["results"]}  # a later file replaces
+            results = [r for r in results if (r["case"], r["method"]) not in replaced] + earlier["results"]
             commands += earlier["commands"]
     if cases:
         commands.append(this)  # the commands that measured the results

@@ -39,3 +39,26 @@ def test_forward_passes_benchmark_compares_both_methods(tmp_path):
     for r in report["runs"]:
         assert r["curve"][-1][0] == 4  # both methods end at the same number of forward passes
         assert r["curve"][0][2] == report["runs"][0]["curve"][0][2]  # from the same initialisation
+
+
+def test_merge_keeps_the_later_file_s_result_and_checks_the_targets(tmp_path):
+    def result(method, mb, seconds):
+        return {"case": "gpt2-tanh", "method": method, "peak_above_resting_bytes": mb * 2**20,
+                "median_step_seconds": seconds, "held_out_loss": 9.0, "parameters": 1}
+
+    earlier = [result("backprop-checkpointing", 400, 2.0), result("forward-sgd", 200, 3.0), result("spsa", 50, 2.0)]
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    files[0].write_text(json.dumps({"commands": [["first"]], "results": earlier}))
+    files[1].write_text(json.dumps({"commands": [["second"]], "results": [result("forward-sgd", 100, 2.5)]}))
+    out = tmp_path / "merged.json"
+    done = subprocess.run([sys.executable, "benchmarks/memory.py", "--merge", *map(str, files), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["backprop-checkpointing", "forward-sgd", "spsa"]
+    assert report["commands"] == [["first"], ["second"]]
+    targets = {t["target"]: t for t in report["targets"] if t["case"] == "gpt2-tanh"}
+    assert targets["no-.grad FG peak ≤ 0.3 × checkpointing"]["measured"] == 0.25
+    assert targets["no-.grad FG peak ≤ 0.3 × checkpointing"]["met"]
+    assert targets["no-.grad FG peak ≤ 3 × SPSA"]["measured"] == 2.0
+    assert targets["no-.grad FG step time ≤ 1.5 × SPSA's"]["measured"] == 1.25
