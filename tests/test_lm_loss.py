@@ -46,3 +46,15 @@ def test_bad_input_is_refused():
         blocked_causal_lm_loss(gpt2(), torch.zeros(1, 4, dtype=torch.long), block_tokens=0)
     with pytest.raises(TypeError, match="not a HuggingFace causal language model"):
         blocked_causal_lm_loss(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_body_runs_without_a_kv_cache_unless_asked():
+    """A KV cache keeps every layer's keys and values (and in forward mode their tangents)."""
+    model = gpt2().train()
+    assert model.config.use_cache
+    seen = []
+    model.transformer.register_forward_hook(lambda module, args, output: seen.append(output.past_key_values))
+    ids = torch.randint(0, 40, (2, 12))
+    blocked_causal_lm_loss(model, ids)
+    blocked_causal_lm_loss(model, ids, use_cache=True)
+    assert seen[0] is None and seen[1] is not None
