@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fgw_variants import VARIANTS  # noqa: E402  (the recipe's variants: one table of them)
 from paper_models import paper_mlp  # noqa: E402
 
-TIMED = ("weight", "weight-k2", "orthogonal-k2", "blockwise", "blockwise-rank1", "guided-k2")
+TIMED = ("weight", "weight-k2", "orthogonal-k2", "blockwise", "blockwise-rank1", "guided-k2",
+         "per-example", "per-example-blockwise", "activity")
 METHODS = {"backprop": None, **{name: VARIANTS[name] for name in TIMED}}  # None: backprop
 
 

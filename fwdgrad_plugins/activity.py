@@ -51,10 +51,12 @@ from torch import Tensor
 
 from fwdgrad_plugins.closure_context import closure_context, loss_without_tangent
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
-from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
-from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters
+from fwdgrad_plugins.directions import parameter_blocks, same_randomness
+from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, estimate_from_derivatives
+from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters, directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.rng_state import RngState
+from fwdgrad_plugins.streaming import WholeTangents
 from fwdgrad_plugins.tangents import RankOne, TangentSampler, derive_seed
 
 
@@ -76,7 +78,7 @@ _SCALINGS = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torc
              torch.Tensor.__truediv__, torch.Tensor.div, torch.div}
 _SAME_VALUE = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.clone, torch.Tensor.reshape,
                torch.Tensor.view, torch.Tensor.squeeze, torch.Tensor.mean, torch.Tensor.sum}
-_SEED_WEIGHTS = 1  # derive_seed tags: activity tangents use 0
+_SEED_ACTIVITIES, _SEED_WEIGHTS, _SEED_PER_EXAMPLE = 0, 1, 2  # derive_seed tags
 _PER_EXAMPLE_HELP = (
     "activity perturbation needs one loss per example: return the result of a torch loss "
     "function (F.cross_entropy, F.nll_loss, F.mse_loss, ...; optionally times or divided by "
@@ -92,7 +94,7 @@ class _Layer:
     weight: Tensor
     bias: Optional[Tensor]
     input: Tensor  # primal input x
-    tangent: Tensor  # u, shaped like the output
+    tangent: Optional[Tensor]  # the output's added tangent (u for FG-A), shaped like the output
     options: dict  # stride, padding, dilation, groups for conv2d
 
 
@@ -129,10 +131,10 @@ class _PerturbActivities(_PerturbParameters):
     is in ``layer_weights``, recorded loss calls, and lazily drawn weight tangents for the
     parameters used elsewhere (``weight_tangent(param)``)."""
 
-    def __init__(self, layer_weights, activity_tangent, weight_tangent, trained, freeze_running_stats):
+    def __init__(self, layer_weights, output_tangent, weight_tangent, trained, freeze_running_stats):
         super().__init__({}, {}, dual_tensors=True, freeze_running_stats=freeze_running_stats)
         self.layer_weights = layer_weights
-        self.activity_tangent = activity_tangent  # (call index, output primal) -> tangent
+        self.output_tangent = output_tangent  # (call index, _Layer, output primal) -> tangent
         self.weight_tangent = weight_tangent
         self.trained = trained
         self.layers: list[_Layer] = []
@@ -163,11 +165,12 @@ class _PerturbActivities(_PerturbParameters):
         bias_estimated = bias is not None and id(bias) in self.trained
         out = func(input, weight, bias, **options)
         primal, upstream = fwAD.unpack_dual(out)
-        tangent = self.activity_tangent(len(self.layers), primal)
         if bias_estimated:
             self.used.add(id(bias))
-        self.layers.append(_Layer(func, weight, bias if bias_estimated else None,
-                                  fwAD.unpack_dual(input).primal, tangent, options))
+        layer = _Layer(func, weight, bias if bias_estimated else None, fwAD.unpack_dual(input).primal,
+                       None, options)
+        layer.tangent = tangent = self.output_tangent(len(self.layers), layer, primal)
+        self.layers.append(layer)
         return fwAD.make_dual(primal, tangent if upstream is None else upstream + tangent)
 
     def _loss(self, func, args, kwargs):
@@ -252,7 +255,8 @@ def _layer_gradients(layer: _Layer, output_grad: Tensor) -> tuple[Tensor, Option
     return _conv2d_gradients(layer, output_grad)
 
 
-def _conv2d_gradients(layer: _Layer, output_grad: Tensor):
+def _conv2d_columns(layer: _Layer) -> Tensor:
+    """The conv2d input unfolded per weight group: (B, G, Cin/G·kh·kw, L), L output positions."""
     weight, x = layer.weight, layer.input
     if x.dim() != 4:
         raise NoPerturbableLayerError("activity perturbation supports batched 4-D conv2d inputs "
@@ -268,10 +272,14 @@ def _conv2d_gradients(layer: _Layer, output_grad: Tensor):
                                           "supported: pad explicitly with F.pad.")
         padding = 0 if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(dilation2, kernel))
     columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, Cin·kh·kw, L)
+    return columns.reshape(x.shape[0], groups, -1, columns.shape[-1])
+
+
+def _conv2d_gradients(layer: _Layer, output_grad: Tensor):
+    columns = _conv2d_columns(layer)  # (B, G, Cin/G·kh·kw, L)
     b, out_channels = output_grad.shape[:2]
-    g = output_grad.reshape(b, groups, out_channels // groups, -1)  # (B, G, Cout/G, L)
-    columns = columns.reshape(b, groups, -1, columns.shape[-1])  # (B, G, Cin/G·kh·kw, L)
-    grad = torch.einsum("bgol,bgil->goi", g, columns).reshape(weight.shape)
+    g = output_grad.reshape(b, columns.shape[1], out_channels // columns.shape[1], -1)  # (B, G, Cout/G, L)
+    grad = torch.einsum("bgol,bgil->goi", g, columns).reshape(layer.weight.shape)
     return grad, (output_grad.sum((0, 2, 3)) if layer.bias is not None else None)
 
 
@@ -292,10 +300,110 @@ def _output_scale(layer: _Layer, per_example: Tensor, grouped: bool) -> Tensor:
     return scale.reshape(shape)
 
 
+class _ActivityTangents:
+    """FG-A: a per-example tangent u on each perturbed call's output (K drawn together at the
+    call's first pass); the estimate is the local outer product of d_b u[b] with the input."""
+
+    def __init__(self, draw: Callable, orthogonal: bool, trained: dict):
+        self.draw, self.orthogonal, self.trained = draw, orthogonal, trained
+        self.cache: dict[int, Tensor] = {}  # call index -> (K, *output shape)
+
+    def output_tangent(self, k: int, call: int, layer: _Layer, primal: Tensor) -> Tensor:
+        if call not in self.cache:
+            self.cache[call] = self.draw(primal, _SEED_ACTIVITIES, call)
+            if self.orthogonal:
+                self.cache[call] = _orthogonalise(self.cache[call])
+        return self.cache[call][k].to(primal.dtype)
+
+    def add_gradients(self, k: int, layers: list[_Layer], per_example: Tensor, add, first_grouped: int):
+        for call, layer in enumerate(layers):
+            scale = _output_scale(layer, per_example, call >= first_grouped).to(layer.tangent.dtype)
+            weight_grad, bias_grad = _layer_gradients(layer, layer.tangent * scale)
+            add(self.trained[id(layer.weight)], weight_grad)
+            if bias_grad is not None:
+                add(self.trained[id(layer.bias)], bias_grad)
+
+
+def per_example_factors(sampler: TangentSampler, param: Tensor, index: int, batch_size: int,
+                        num_directions: int, seed: int) -> list[Tensor]:
+    """The per-example weight-tangent factors of ``params[index]``: for a weight of shape
+    (out, *fan_in), ``[a (K, B, out), c (K, B, fan_in numel)]``, V_b = a_b c_bᵀ; for a bias,
+    ``[e (K, B, out)]``. Each factor is drawn by ``sampler`` as one flat tensor, so with any
+    sampler whose draws have E[v vᵀ] = I, E[vec V_b vec V_bᵀ] = I."""
+    sizes = [param.shape[0], param[0].numel()] if param.dim() >= 2 else [param.numel()]
+    like = [param.new_empty(batch_size * n) for n in sizes]
+    drawn = sampler.sample(like, num_directions, derive_seed(seed, _SEED_PER_EXAMPLE, index))
+    return [(t.dense() if isinstance(t, RankOne) else t).view(num_directions, batch_size, n)
+            for t, n in zip(drawn, sizes)]
+
+
+def _rank_one_output_tangent(layer: _Layer, a: Tensor, c: Tensor, out_shape) -> Tensor:
+    """The output tangent of a rank-one weight tangent a_b c_bᵀ per example b:
+    a_b (c_b · x_{b,t}) at every token / position t. a: (B, out), c: (B, fan_in)."""
+    batch = a.shape[0]
+    if layer.func is F.linear:
+        x = layer.input.reshape(batch, -1, layer.input.shape[-1])  # (B, T, in)
+        projected = torch.bmm(x, c.to(x.dtype).unsqueeze(2))  # (B, T, 1)
+        return (projected * a.to(x.dtype).unsqueeze(1)).reshape(out_shape)
+    columns = _conv2d_columns(layer)  # (B, G, fan_in, L)
+    projected = torch.einsum("bgil,bi->bgl", columns, c.to(columns.dtype))  # (B, G, L)
+    projected = projected.repeat_interleave(a.shape[1] // columns.shape[1], dim=1)  # (B, Cout, L)
+    return (projected * a.to(columns.dtype).unsqueeze(2)).reshape(out_shape)
+
+
+class _PerExampleWeightTangents:
+    """Per-example weight perturbation: example b's tangent on a perturbed layer's weight is
+    V_b = a_b c_bᵀ (its bias's e_b), one per trained weight, shared by all the weight's calls;
+    the output tangent a_b (c_b · x_b) + e_b is computed without forming V_b. The estimate is
+    Σ_b s_b V_b = Aᵀ diag(s) C (Σ_b s_b e_b for the bias), s_b = d_b / K."""
+
+    def __init__(self, sampler: TangentSampler, num_directions: int, seed: int, trained: dict):
+        self.sampler, self.num_directions, self.seed, self.trained = sampler, num_directions, seed, trained
+        self.factors: dict[int, list[Tensor]] = {}  # parameter index -> its factors (K, B, ·)
+        self.shapes: dict[int, torch.Size] = {}
+
+    def _factors(self, param: Tensor, batch_size: int) -> list[Tensor]:
+        index = self.trained[id(param)]
+        if index not in self.factors:
+            self.factors[index] = per_example_factors(self.sampler, param, index, batch_size,
+                                                      self.num_directions, self.seed)
+            self.shapes[index] = param.shape
+        factors = self.factors[index]
+        if factors[0].shape[1] != batch_size:
+            raise PerExampleLossError(
+                f"a layer output has {batch_size} examples in dimension 0, another call of the same "
+                f"weight had {factors[0].shape[1]}: per-example weight perturbation needs the batch "
+                "first in every linear and conv2d output.")
+        return factors
+
+    def output_tangent(self, k: int, call: int, layer: _Layer, primal: Tensor) -> Tensor:
+        batch = primal.shape[0]
+        a, c = (f[k] for f in self._factors(layer.weight, batch))
+        tangent = _rank_one_output_tangent(layer, a, c, primal.shape)
+        if layer.bias is not None:
+            (e,) = (f[k] for f in self._factors(layer.bias, batch))
+            shape = [batch] + [1] * (primal.dim() - 1)
+            shape[primal.dim() - 1 if layer.func is F.linear else 1] = e.shape[1]
+            tangent = tangent + e.to(tangent.dtype).reshape(shape)
+        return tangent.to(primal.dtype)
+
+    def add_gradients(self, k: int, layers: list[_Layer], per_example: Tensor, add, first_grouped: int):
+        s = per_example.sum(1)  # (B,)
+        for index, factors in self.factors.items():
+            if len(factors) == 2:
+                a, c = factors[0][k], factors[1][k]
+                add(index, ((a * s.to(a.dtype).unsqueeze(1)).T @ c).view(self.shapes[index]))
+            else:
+                add(index, s.to(factors[0].dtype) @ factors[0][k])
+
+
+PERTURBATIONS = ("activity", "weight-per-example")
+
+
 def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
                           sampler: TangentSampler, num_directions: int, seed: int,
                           orthogonal: bool = False, freeze_running_stats: bool = False,
-                          groups: int = 1, grouped_calls: int = 0):
+                          groups: int = 1, grouped_calls: int = 0, perturbation: str = "activity"):
     """The FG-A estimate, without ``reduce``: ``(loss, derivatives (K,), grads, used)``.
 
     K directions run as K forward-mode passes that start from one RNG state (one dropout
@@ -305,18 +413,26 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
     g-th equal slice of the output features of the last ``grouped_calls`` layer calls (local
     losses per group of units, as in Ren et al.): those slices are credited with their own
     group's derivative, every other layer with the sum over groups.
+
+    ``perturbation="weight-per-example"`` perturbs the layers' weights instead, with a
+    rank-one tangent of each example's own (see :class:`PerExampleWeightPerturbation`).
     """
     if not params:
         raise ParametersNotUsedError("no parameters to train: pass the model's trainable parameters.")
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}.")
+    if perturbation != "activity" and (groups > 1 or orthogonal):
+        raise ValueError("per-example weight perturbation takes neither groups nor orthogonal=True.")
     trained = {id(p): i for i, p in enumerate(params)}
     layer_weights = set(trained)
-    activity_cache: dict[int, Tensor] = {}
     weight_cache: dict[int, Tensor] = {}
 
     def draw(tensor, tag, index):
         tangent = sampler.sample([tensor], num_directions, derive_seed(seed, tag, index))[0]
         return tangent.dense() if isinstance(tangent, RankOne) else tangent
 
+    scheme = (_ActivityTangents(draw, orthogonal, trained) if perturbation == "activity"
+              else _PerExampleWeightTangents(sampler, num_directions, seed, trained))
     grads: list[Optional[Tensor]] = [None] * len(params)
 
     def add(index, value):
@@ -328,12 +444,8 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
         if k > 0:  # every pass draws the same dropout mask
             rng_state.restore()
 
-        def activity_tangent(call, primal):
-            if call not in activity_cache:
-                activity_cache[call] = draw(primal, 0, call)
-                if orthogonal:
-                    activity_cache[call] = _orthogonalise(activity_cache[call])
-            return activity_cache[call][k].to(primal.dtype)
+        def output_tangent(call, layer, primal):
+            return scheme.output_tangent(k, call, layer, primal)
 
         def weight_tangent(param):
             index = trained[id(param)]
@@ -341,7 +453,7 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
                 weight_cache[index] = draw(param, _SEED_WEIGHTS, index)
             return weight_cache[index][k]
 
-        mode = _PerturbActivities(layer_weights, activity_tangent, weight_tangent, trained,
+        mode = _PerturbActivities(layer_weights, output_tangent, weight_tangent, trained,
                                   freeze_running_stats or k > 0)
         with torch.no_grad(), _forward_ad_errors(), closure_context(), fwAD.dual_level():
             with mode:
@@ -368,12 +480,7 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
             loss = primal_parts.sum().detach()
         derivatives.append(per_example.sum() * num_directions)
         first_grouped = len(mode.layers) - grouped_calls if groups > 1 else len(mode.layers)
-        for call, layer in enumerate(mode.layers):
-            scale = _output_scale(layer, per_example, call >= first_grouped).to(layer.tangent.dtype)
-            weight_grad, bias_grad = _layer_gradients(layer, layer.tangent * scale)
-            add(trained[id(layer.weight)], weight_grad)
-            if bias_grad is not None:
-                add(trained[id(layer.bias)], bias_grad)
+        scheme.add_gradients(k, mode.layers, per_example, add, first_grouped)
         for index, tangent in weight_cache.items():
             add(index, tangent[k] * derivatives[-1] / num_directions)
         used |= mode.used
@@ -426,6 +533,96 @@ class ActivityPerturbation:
         return reduced_estimate(reduce, loss, derivatives, [g if u else None for g, u in zip(grads, used)])
 
 
+class PerExampleWeightPerturbation:
+    """FG-W with a weight tangent of each example's own: for every trained ``F.linear`` /
+    ``F.conv2d`` weight W (out × fan_in) example b gets V_b = a_b c_bᵀ (a_b, c_b independent
+    draws of ``sampler``, so E[vec V_b vec V_bᵀ] = I) and its bias e_b. One forward-mode pass
+    gives each example's derivative d_b = Σ_layers ∇_W ℓ_b · V_b + ∇_bias ℓ_b · e_b of its own
+    share ℓ_b of the loss, and
+
+        ĝ_W = (1/K) Σ_k Σ_b d_bk a_bk c_bkᵀ,    ĝ_bias = (1/K) Σ_k Σ_b d_bk e_bk.
+
+    Each term is unbiased for ∇ℓ_b and the B terms are independent, so the mean over the batch
+    is unbiased for ∇f with about 1/B of the variance of one tangent shared by the batch
+    (when the examples' gradients agree; like Flipout, Wen et al. 2018). The layer's output
+    tangent a_b (c_b · x_{b,t}) + e_b costs a matrix-vector product per example; no
+    B × out × in tensor is formed. Parameters outside perturbed layers get ordinary (shared)
+    weight perturbation, as with ``activity``. Examples must not interact (no BatchNorm in
+    training mode), and the loss must split into one part per example, as for ``activity``.
+
+    The tangents come from the step's seed, but the estimate depends on each process's own
+    examples: ``reduce`` all-reduces the gradient estimates (``reduces_gradients``).
+    K directions run as K passes.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from fwdgrad_plugins import ForwardGradientEstimator
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> fg = ForwardGradientEstimator(estimator="weight-per-example", seed=0)
+    >>> estimate = fg.backward(lambda: F.cross_entropy(model(x), y), model.parameters())
+    >>> [tuple(g.shape) for g in estimate.grads]
+    [(8, 4), (8,), (3, 8), (3,)]
+
+    Args:
+        blocks: None (one pass perturbs every layer), or ``"layer"`` / ``"parameter"``
+            (:func:`fwdgrad_plugins.directions.parameter_blocks`): one pass per block, each
+            perturbing that block alone, so a block's derivatives carry no other block's noise
+            (as ``blockwise``). A block that no perturbed layer uses (an embedding) gets shared
+            weight perturbation in its pass. Every pass draws the same dropout mask.
+    """
+
+    reduces_gradients = True  # the estimate depends on each process's own examples
+
+    def __init__(self, *, blocks: Optional[str] = None):
+        if blocks is not None:
+            parameter_blocks([], blocks)  # validates the name
+        self.blocks = blocks
+
+    def estimate(self, closure, params, *, sampler: TangentSampler, num_directions: int,
+                 seed: int, reduce: Optional[Reduce] = None) -> Estimate:
+        if self.blocks is None:
+            loss, derivatives, grads, used = activity_perturbation(
+                closure, params, sampler=sampler, num_directions=num_directions, seed=seed,
+                perturbation="weight-per-example")
+            return reduced_estimate(reduce, loss, derivatives, [g if u else None for g, u in zip(grads, used)])
+        return self._blockwise(closure, params, sampler, num_directions, seed, reduce)
+
+    def _blockwise(self, closure, params, sampler, num_directions, seed, reduce) -> Estimate:
+        grads: list[Optional[Tensor]] = [None] * len(params)
+        parts, loss = [], None
+        with same_randomness(params) as reset_randomness:
+            for b, group in enumerate(parameter_blocks(params, self.blocks)):
+                block, block_seed = [params[i] for i in group], derive_seed(seed, b)
+                reset_randomness()
+                try:
+                    block_loss, derivatives, block_grads, used = activity_perturbation(
+                        closure, block, sampler=sampler, num_directions=num_directions, seed=block_seed,
+                        perturbation="weight-per-example", freeze_running_stats=b > 0)
+                    block_grads = [g if u else None for g, u in zip(block_grads, used)]
+                except NoPerturbableLayerError:  # no F.linear / conv2d uses this block
+                    tangents = WholeTangents(block, sampler.sample(block, num_directions, block_seed))
+                    try:
+                        result = directional_derivatives(closure, block, tangents)
+                    except ParametersNotUsedError:  # nor does anything else
+                        parts.append(torch.zeros(num_directions))
+                        continue
+                    block_loss, derivatives = result.loss, result.derivatives
+                    block_grads = estimate_from_derivatives(result, tangents).grads
+                loss = block_loss if loss is None else loss
+                parts.append(derivatives)
+                for i, grad in zip(group, block_grads):
+                    grads[i] = grad
+        if loss is None:
+            raise ParametersNotUsedError(
+                "the closure used none of the parameters being trained: pass the parameters of "
+                "the model that the closure calls (and give frozen ones requires_grad=False).")
+        return reduced_estimate(reduce, loss, torch.cat(parts), grads)
+
+
 @hookimpl
 def register_estimators(register):
     register("activity", ActivityPerturbation)
+    register("weight-per-example", PerExampleWeightPerturbation)
+    register("weight-per-example-blockwise",
+             lambda **options: PerExampleWeightPerturbation(**{"blocks": "layer", **options}))

@@ -1,5 +1,6 @@
 # Lower-variance weight perturbation on MNIST: FG-W against its block-wise, size-scaled,
-# guided and orthogonal variants (fwdgrad_plugins/directions.py), the paper MLP, no local
+# guided and orthogonal variants (fwdgrad_plugins/directions.py) and per-example weight
+# tangents (fwdgrad_plugins/activity.py), the paper MLP, no local
 # losses and no backward pass, each variant at its best learning rate, over seeds.
 #
 # Training runs recipes/mnist.py (one subprocess per variant and seed, --lr-sweep inside):
@@ -44,6 +45,9 @@ VARIANTS = {  # name: (estimator, tangents, num_directions)
     "blockwise-parameter-rank1": ("blockwise-parameter", "rank1-gaussian", 1),
     "blockwise-scaled": ("blockwise-scaled", "gaussian", 1),
     "guided-k2": ("guided", "gaussian", 2),
+    "per-example": ("weight-per-example", "gaussian", 1),
+    "per-example-blockwise": ("weight-per-example-blockwise", "gaussian", 1),
+    "activity": ("activity", "gaussian", 1),  # FG-A (activity perturbation): a reference, not FG-W
     "backprop": (None, None, None),
 }
 

@@ -39,6 +39,9 @@ METHODS = {  # name: (estimator, options, tangents, K); None: backprop
     "blockwise": ("blockwise", {"blocks": "parameter"}, "gaussian", 1),
     "blockwise-b4": ("blockwise", {"blocks": "parameter", "blocks_per_step": 4}, "gaussian", 1),
     "guided-k4": ("guided", {}, "gaussian", 4),
+    "per-example": ("weight-per-example", {}, "gaussian", 1),
+    "per-example-blockwise": ("weight-per-example-blockwise", {"blocks": "parameter"}, "gaussian", 1),
+    "activity": ("activity", {}, "gaussian", 1),  # FG-A (activity perturbation): a reference, not FG-W
 }
 
 

@@ -1,5 +1,6 @@
 """One of two gloo processes for tests/test_directions.py: trains a small model with each
-new estimator on its own data, all-reducing the K directional derivatives only, and prints
+new estimator on its own data, all-reducing the K directional derivatives only (the gradient
+estimates for the per-example estimators), and prints
 "<variant> <parameter digest> <first loss>" per variant.
 
     python tests/two_process_directions.py RANK WORLD_SIZE PORT
@@ -20,6 +21,9 @@ VARIANTS = {  # name: (estimator, options, sampler, K)
     "blockwise-sampled": ("blockwise", {"blocks": "parameter", "blocks_per_step": 2}, "gaussian", 1),
     "blockwise-scaled": ("blockwise-scaled", {}, "rank1-gaussian", 1),
     "guided": ("guided", {}, "gaussian", 3),
+    # the per-example estimators all-reduce their gradient estimates (reduces_gradients)
+    "weight-per-example": ("weight-per-example", {}, "gaussian", 2),
+    "weight-per-example-blockwise": ("weight-per-example-blockwise", {}, "gaussian", 1),
 }
 
 
