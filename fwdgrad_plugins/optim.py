@@ -165,6 +165,8 @@ class ForwardSGD(torch.optim.Optimizer):
                 i = index.get(id(p))
                 if i is None:
                     continue
+                if len(streams) == 1 and K == 1 and weight_decay == 0 and _one_pass_update(p, i, lr, *streams[0]):
+                    continue
                 update = None
                 for stream, coefficients, used, rows in streams:
                     if not used[i]:
@@ -200,3 +202,17 @@ class ForwardSGD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.seed, self.forward_step, self.skipped_steps = int(saved["seed"]), int(saved["step"]), int(saved["skipped"])
         self._pending, self._accumulated = [], False
+
+
+def _one_pass_update(p: Tensor, index: int, lr: float, tangents, coefficients: Tensor, used, rows) -> bool:
+    """θ ← θ − lr·d·v in one pass over θ for one dense direction (no ``d·v`` tensor, no
+    second pass); False where the general update applies (rank one, frozen rows)."""
+    if not used[index]:
+        return True
+    if rows[index]:
+        return False
+    direction = tangents.draw(index, 0)
+    if isinstance(direction, tuple):
+        return False
+    p.addcmul_(direction, coefficients[0].to(direction.dtype), value=-lr)
+    return True

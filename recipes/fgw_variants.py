@@ -47,6 +47,7 @@ VARIANTS = {  # name: (estimator, tangents, num_directions)
     "guided-k2": ("guided", "gaussian", 2),
     "per-example": ("weight-per-example", "gaussian", 1),
     "per-example-blockwise": ("weight-per-example-blockwise", "gaussian", 1),
+    "per-example-blockwise-k4": ("weight-per-example-blockwise", "gaussian", 4),
     "activity": ("activity", "gaussian", 1),  # FG-A (activity perturbation): a reference, not FG-W
     "backprop": (None, None, None),
 }
