@@ -124,9 +124,9 @@ class _PerturbParameters(TorchFunctionMode):
         if func in _CONVOLUTIONS:
             return self._convolution(func, *args, **kwargs)
         if self.dual_tensors and not kwargs and len(args) == 2 and (func in _PRODUCTS or func in _QUOTIENTS):
-            scaled = _scaled_by_number(func, *args)
-            if scaled is not None:
-                return scaled
+            product = _product(func, *(self._swap(a) for a in args))
+            if product is not None:
+                return product
         if self.freeze_running_stats:
             if func is F.batch_norm:
                 args, kwargs = _with_copied_running_stats(args, kwargs)
@@ -384,22 +384,39 @@ def directional_derivatives(
     return result
 
 
-def _scaled_by_number(func, a, b) -> Optional[Tensor]:
-    """A dual times (or divided by) a Python number, primal and tangent apart, or None for any
-    other call. torch's forward-mode rule takes the number for a tensor whose tangent is zero,
-    and in summing the two terms of the product rule makes a full-size copy of the tangent:
-    one more activation-sized tensor for each ``x * 0.5`` (a LoRA ``* scaling``, the constants
-    of GPT-2's tanh GELU). The values are those of torch's rule (``x_t * c``)."""
-    if func in _PRODUCTS and isinstance(a, (int, float)):
+def _product(func, a, b) -> Optional[Tensor]:
+    """``a * b`` or ``a / b`` with a dual among them, primal and tangent apart; None for a call
+    this does not cover (complex or integer values, a dual divisor). torch's forward-mode rule
+    treats an operand without a tangent (a Python number, a constant tensor such as a rotary
+    embedding's cos) as one whose tangent is zero, and in summing the product rule's two terms
+    makes a full-size copy; for two duals it holds both terms before adding them. Here the
+    tangent is ``a_t * b`` (``+ a * b_t`` accumulated in place): the values of torch's rule,
+    one activation-sized tensor fewer at each product (a LoRA ``* scaling``, GPT-2's tanh GELU,
+    Llama's gated MLP)."""
+    if func in _PRODUCTS and not _has_tangent(a) and _has_tangent(b):
         a, b = b, a
-    if not isinstance(a, Tensor) or not isinstance(b, (int, float)) or isinstance(b, bool):
+    if not _has_tangent(a):
         return None
-    primal, tangent = fwAD.unpack_dual(a)
-    if tangent is None or not primal.is_floating_point():
+    a_p, a_t = fwAD.unpack_dual(a)
+    b_p, b_t = fwAD.unpack_dual(b) if isinstance(b, Tensor) else (b, None)
+    if isinstance(b_p, bool) or not isinstance(b_p, (int, float, Tensor)):
+        return None
+    if not a_p.is_floating_point() or (isinstance(b_p, Tensor) and not b_p.is_floating_point()):
         return None
     if func in _QUOTIENTS:
-        return fwAD.make_dual(primal / b, tangent / b)
-    return fwAD.make_dual(primal * b, tangent * b)
+        if b_t is not None:
+            return None
+        return fwAD.make_dual(a_p / b_p, a_t / b_p)
+    primal, tangent = a_p * b_p, a_t * b_p
+    if b_t is not None:
+        if tangent.shape != primal.shape or tangent.dtype != torch.result_type(a_p, b_t):
+            return None
+        tangent.addcmul_(a_p, b_t)
+    return fwAD.make_dual(primal, tangent)
+
+
+def _has_tangent(value) -> bool:
+    return isinstance(value, Tensor) and fwAD.unpack_dual(value).tangent is not None
 
 
 def _own_storage(tangent: Tensor) -> Tensor:

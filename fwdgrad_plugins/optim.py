@@ -167,19 +167,7 @@ class ForwardSGD(torch.optim.Optimizer):
                     continue
                 if len(streams) == 1 and K == 1 and weight_decay == 0 and _one_pass_update(p, i, lr, *streams[0]):
                     continue
-                update = None
-                for stream, coefficients, used, rows in streams:
-                    if not used[i]:
-                        continue
-                    term = combination(stream, i, coefficients)
-                    if rows[i]:
-                        term[rows[i]] = 0  # e.g. an embedding's padding row, which autograd never updates
-                    update = term if update is None else update.add_(term)
-                if update is None:
-                    continue
-                if weight_decay != 0:
-                    update = update.add_(p, alpha=weight_decay)
-                p.add_(update, alpha=-lr)
+                _update_parameter(p, i, lr, weight_decay, streams)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -202,6 +190,24 @@ class ForwardSGD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.seed, self.forward_step, self.skipped_steps = int(saved["seed"]), int(saved["step"]), int(saved["skipped"])
         self._pending, self._accumulated = [], False
+
+
+def _update_parameter(p: Tensor, index: int, lr: float, weight_decay: float, streams) -> None:
+    """θ ← θ − lr·(Σ_micro-batches Σ_k c_k v_k + weight_decay·θ) for one parameter (a
+    function of its own, so that its temporaries are freed before the next parameter's)."""
+    update = None
+    for stream, coefficients, used, rows in streams:
+        if not used[index]:
+            continue
+        term = combination(stream, index, coefficients)
+        if rows[index]:
+            term[rows[index]] = 0  # e.g. an embedding's padding row, which autograd never updates
+        update = term if update is None else update.add_(term)
+    if update is None:
+        return
+    if weight_decay != 0:
+        update = update.add_(p, alpha=weight_decay)
+    p.add_(update, alpha=-lr)
 
 
 def _one_pass_update(p: Tensor, index: int, lr: float, tangents, coefficients: Tensor, used, rows) -> bool:

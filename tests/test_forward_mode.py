@@ -405,9 +405,11 @@ def test_weight_perturbation_runs_no_backward_pass(no_backward, num_directions):
 
 
 def test_products_with_python_numbers_keep_torch_s_values_without_a_copy():
-    """``x * 0.5``, ``0.5 * x``, ``x / 3`` on a dual: primal and tangent apart, the values
-    of torch's own rule, and no full-size copy of the tangent (torch's rule makes one)."""
+    """``x * 0.5``, ``0.5 * x``, ``x / 3``, ``x * c`` (c without tangent), ``x * y`` on duals:
+    primal and tangent apart, the values of torch's own rule, and no full-size copy of the
+    tangent (torch's rule makes one)."""
     x = torch.randn(8, 64, dtype=torch.float64)
+    scale = torch.rand(64, dtype=torch.float64) + 0.5
     w = torch.randn(64, 64, dtype=torch.float64)
     v = torch.randn(1, 64, 64, dtype=torch.float64)
 
@@ -415,6 +417,7 @@ def test_products_with_python_numbers_keep_torch_s_values_without_a_copy():
         h = F.linear(x, weight)
         h = 0.5 * h * (1.0 + torch.tanh(0.79788456 * (h + 0.044715 * h.pow(3))))  # GPT-2's tanh GELU
         h = torch.mul(h, 2) / 3.0 + h.div(7.0) + torch.mul(0.25, h)
+        h = h * scale + scale * h / scale.exp()  # constant tensors (a rotary embedding's cos)
         return (h * h.mean()).sum()
 
     result = directional_derivatives(lambda: loss_of(w), [w], [v])
@@ -431,5 +434,5 @@ def test_products_with_python_numbers_keep_torch_s_values_without_a_copy():
             return out
 
     with Copies():
-        directional_derivatives(lambda: (F.linear(x, w) * 0.5).sum(), [w], [v])
+        directional_derivatives(lambda: (F.linear(x, w) * 0.5 * scale).sum(), [w], [v])
     assert Copies.seen == 0
