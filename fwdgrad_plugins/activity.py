@@ -51,13 +51,13 @@ from torch import Tensor
 
 from fwdgrad_plugins.closure_context import closure_context, loss_without_tangent
 from fwdgrad_plugins.errors import ForwardGradientError, LossNotScalarError, ParametersNotUsedError
-from fwdgrad_plugins.directions import parameter_blocks, same_randomness
+from fwdgrad_plugins.directions import parameter_blocks
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, estimate_from_derivatives
 from fwdgrad_plugins.forward_mode import _forward_ad_errors, _PerturbParameters, directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.rng_state import RngState
 from fwdgrad_plugins.streaming import WholeTangents
-from fwdgrad_plugins.tangents import RankOne, TangentSampler, derive_seed
+from fwdgrad_plugins.tangents import TangentSampler, dense, derive_seed
 
 
 class NoPerturbableLayerError(ForwardGradientError, ValueError):
@@ -333,7 +333,7 @@ def per_example_factors(sampler: TangentSampler, param: Tensor, index: int, batc
     sizes = [param.shape[0], param[0].numel()] if param.dim() >= 2 else [param.numel()]
     like = [param.new_empty(batch_size * n) for n in sizes]
     drawn = sampler.sample(like, num_directions, derive_seed(seed, _SEED_PER_EXAMPLE, index))
-    return [(t.dense() if isinstance(t, RankOne) else t).view(num_directions, batch_size, n)
+    return [dense(t).view(num_directions, batch_size, n)
             for t, n in zip(drawn, sizes)]
 
 
@@ -429,7 +429,7 @@ def activity_perturbation(closure: Callable[[], Tensor], params: Sequence[Tensor
 
     def draw(tensor, tag, index):
         tangent = sampler.sample([tensor], num_directions, derive_seed(seed, tag, index))[0]
-        return tangent.dense() if isinstance(tangent, RankOne) else tangent
+        return dense(tangent)
 
     scheme = (_ActivityTangents(draw, orthogonal, trained) if perturbation == "activity"
               else _PerExampleWeightTangents(sampler, num_directions, seed, trained))
@@ -591,28 +591,28 @@ class PerExampleWeightPerturbation:
     def _blockwise(self, closure, params, sampler, num_directions, seed, reduce) -> Estimate:
         grads: list[Optional[Tensor]] = [None] * len(params)
         parts, loss = [], None
-        with same_randomness(params) as reset_randomness:
-            for b, group in enumerate(parameter_blocks(params, self.blocks)):
-                block, block_seed = [params[i] for i in group], derive_seed(seed, b)
-                reset_randomness()
+        rng_state = RngState(params)  # every pass draws the same dropout mask
+        for b, group in enumerate(parameter_blocks(params, self.blocks)):
+            block, block_seed = [params[i] for i in group], derive_seed(seed, b)
+            rng_state.restore()
+            try:
+                block_loss, derivatives, block_grads, used = activity_perturbation(
+                    closure, block, sampler=sampler, num_directions=num_directions, seed=block_seed,
+                    perturbation="weight-per-example", freeze_running_stats=b > 0)
+                block_grads = [g if u else None for g, u in zip(block_grads, used)]
+            except NoPerturbableLayerError:  # no F.linear / conv2d uses this block
+                tangents = WholeTangents(block, sampler.sample(block, num_directions, block_seed))
                 try:
-                    block_loss, derivatives, block_grads, used = activity_perturbation(
-                        closure, block, sampler=sampler, num_directions=num_directions, seed=block_seed,
-                        perturbation="weight-per-example", freeze_running_stats=b > 0)
-                    block_grads = [g if u else None for g, u in zip(block_grads, used)]
-                except NoPerturbableLayerError:  # no F.linear / conv2d uses this block
-                    tangents = WholeTangents(block, sampler.sample(block, num_directions, block_seed))
-                    try:
-                        result = directional_derivatives(closure, block, tangents)
-                    except ParametersNotUsedError:  # nor does anything else
-                        parts.append(torch.zeros(num_directions))
-                        continue
-                    block_loss, derivatives = result.loss, result.derivatives
-                    block_grads = estimate_from_derivatives(result, tangents).grads
-                loss = block_loss if loss is None else loss
-                parts.append(derivatives)
-                for i, grad in zip(group, block_grads):
-                    grads[i] = grad
+                    result = directional_derivatives(closure, block, tangents)
+                except ParametersNotUsedError:  # nor does anything else
+                    parts.append(torch.zeros(num_directions))
+                    continue
+                block_loss, derivatives = result.loss, result.derivatives
+                block_grads = estimate_from_derivatives(result, tangents).grads
+            loss = block_loss if loss is None else loss
+            parts.append(derivatives)
+            for i, grad in zip(group, block_grads):
+                grads[i] = grad
         if loss is None:
             raise ParametersNotUsedError(
                 "the closure used none of the parameters being trained: pass the parameters of "

@@ -36,7 +36,6 @@ torch.Size([2])
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -48,7 +47,8 @@ from fwdgrad_plugins.errors import ParametersNotUsedError
 from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite
 from fwdgrad_plugins.forward_mode import directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
-from fwdgrad_plugins.tangents import RankOne, TangentSampler, combine, derive_seed, draw_like
+from fwdgrad_plugins.rng_state import RngState
+from fwdgrad_plugins.tangents import TangentSampler, combine, dense, derive_seed, draw_like
 
 __all__ = ["OrthogonalGaussianSampler", "BlockwiseWeightPerturbation", "GuidedWeightPerturbation",
            "parameter_blocks", "size_scaled_param_groups"]
@@ -145,26 +145,6 @@ def size_scaled_param_groups(params, lr: float, *, blocks: str = "layer", power:
     return [{"params": [params[i] for i in g], "lr": lr * (min(sizes) / n) ** power} for g, n in zip(groups, sizes)]
 
 
-@contextlib.contextmanager
-def same_randomness(params: Sequence[Tensor]):
-    """Yields a function that resets torch's RNG (and the parameters' CUDA devices') to its
-    state on entry: every forward pass of one estimate then draws the same dropout mask."""
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-
-    def reset():
-        torch.set_rng_state(cpu_state)
-        for device, state in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(state, device)
-
-    yield reset
-
-
-def _dense(tangent) -> Tensor:
-    return tangent.dense() if isinstance(tangent, RankOne) else tangent
-
-
 class BlockwiseWeightPerturbation:
     """Block-wise FG-W: each block's K directions perturb that block alone.
 
@@ -202,22 +182,22 @@ class BlockwiseWeightPerturbation:
         chosen = self.chosen_blocks(len(groups), seed)
         tangents: dict[int, object] = {}
         parts, loss, frozen = [], None, {}
-        with same_randomness(params) as reset_randomness:
-            for b in chosen:
-                block = [params[i] for i in groups[b]]
-                drawn = sampler.sample(block, num_directions, derive_seed(seed, b))
-                reset_randomness()
-                try:
-                    result = directional_derivatives(closure, block, drawn)
-                except ParametersNotUsedError:  # this block is not used by the loss
-                    parts.append(torch.zeros(num_directions))
-                    continue
-                loss = result.loss if loss is None else loss
-                parts.append(result.derivatives)
-                for i, t, used, rows in zip(groups[b], drawn, result.used, result.frozen_rows):
-                    if used:
-                        tangents[i] = t
-                        frozen[i] = rows
+        rng_state = RngState(params)  # every pass draws the same dropout mask
+        for b in chosen:
+            block = [params[i] for i in groups[b]]
+            drawn = sampler.sample(block, num_directions, derive_seed(seed, b))
+            rng_state.restore()
+            try:
+                result = directional_derivatives(closure, block, drawn)
+            except ParametersNotUsedError:  # this block is not used by the loss
+                parts.append(torch.zeros(num_directions))
+                continue
+            loss = result.loss if loss is None else loss
+            parts.append(result.derivatives)
+            for i, t, used, rows in zip(groups[b], drawn, result.used, result.frozen_rows):
+                if used:
+                    tangents[i] = t
+                    frozen[i] = rows
         if loss is None:
             raise ParametersNotUsedError(
                 "the closure used none of the parameters being trained: pass the parameters of "
@@ -284,9 +264,9 @@ class GuidedWeightPerturbation:
         norm = None if self.mean is None else math.sqrt(sum(float(m.double().pow(2).sum()) for m in self.mean))
         if num_directions == 1:
             return self._one_direction(closure, params, sampler, seed, reduce, norm)
-        random = [_dense(t) for t in sampler.sample(params, num_directions - 1, seed)]
+        random = [dense(t) for t in sampler.sample(params, num_directions - 1, seed)]
         if not norm:  # no guess yet: plain FG-W over K random directions
-            extra = [_dense(t) for t in sampler.sample(params, 1, derive_seed(seed, 1))]
+            extra = [dense(t) for t in sampler.sample(params, 1, derive_seed(seed, 1))]
             tangents = [torch.cat([e, r]) for e, r in zip(extra, random)]
         else:
             tangents = [torch.cat([(m / norm).unsqueeze(0).to(r.dtype), r]) for m, r in zip(self.mean, random)]
@@ -319,7 +299,7 @@ class GuidedWeightPerturbation:
 
     def _one_direction(self, closure, params, sampler, seed, reduce, norm) -> Estimate:
         """K = 1: along the guess or, as likely, along a direction projected off it, times 2."""
-        (tangents,) = [[_dense(t) for t in sampler.sample(params, 1, seed)]]
+        (tangents,) = [[dense(t) for t in sampler.sample(params, 1, seed)]]
         scale = 1.0
         if norm:
             guess = [(m / norm).to(t.dtype) for m, t in zip(self.mean, tangents)]

@@ -123,10 +123,6 @@ class _PerturbParameters(TorchFunctionMode):
             return self._embedding(*args, **kwargs)
         if func in _CONVOLUTIONS:
             return self._convolution(func, *args, **kwargs)
-        if self.dual_tensors and not kwargs and len(args) == 2 and (func in _PRODUCTS or func in _QUOTIENTS):
-            product = _product(func, *(self._swap(a) for a in args))
-            if product is not None:
-                return product
         if self.freeze_running_stats:
             if func is F.batch_norm:
                 args, kwargs = _with_copied_running_stats(args, kwargs)
@@ -136,6 +132,10 @@ class _PerturbParameters(TorchFunctionMode):
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         if func is F.scaled_dot_product_attention:  # closure_context() selects the math kernel
             return attention.scaled_dot_product_attention(*args, single_direction=self.dual_tensors, **kwargs)
+        if self.dual_tensors and not kwargs and len(args) == 2 and (func in _PRODUCTS or func in _QUOTIENTS):
+            product = _product(func, *args)
+            if product is not None:
+                return product
         return func(*args, **kwargs)
 
     def _embedding(self, input, weight, padding_idx=None, max_norm=None, *rest, **kwargs):
@@ -407,10 +407,10 @@ def _product(func, a, b) -> Optional[Tensor]:
         if b_t is not None:
             return None
         return fwAD.make_dual(a_p / b_p, a_t / b_p)
-    primal, tangent = a_p * b_p, a_t * b_p
+    if b_t is not None and torch.result_type(a_t, b_p) != torch.result_type(a_p, b_t):
+        return None  # the two terms' dtypes differ: torch's rule promotes their sum
+    primal, tangent = a_p * b_p, a_t * b_p  # both of the broadcast shape
     if b_t is not None:
-        if tangent.shape != primal.shape or tangent.dtype != torch.result_type(a_p, b_t):
-            return None
         tangent.addcmul_(a_p, b_t)
     return fwAD.make_dual(primal, tangent)
 

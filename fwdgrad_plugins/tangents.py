@@ -54,6 +54,11 @@ class RankOne:
 Tangent = Union[Tensor, RankOne]  # a dense tangent is a (K, *param.shape) tensor
 
 
+def dense(tangent: Tangent) -> Tensor:
+    """A tangent as a dense tensor: a :class:`RankOne`'s outer products, or the tensor itself."""
+    return tangent.dense() if isinstance(tangent, RankOne) else tangent
+
+
 def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t.to(dtype)``, without a dispatcher call when it is a no-op: most casts in a training
     step are, and a step makes dozens."""
