@@ -26,7 +26,8 @@ from fgw_variants import VARIANTS  # noqa: E402  (the recipe's variants)
 import mnist_data  # noqa: E402
 from paper_models import paper_mlp  # noqa: E402
 
-MEASURED = ("weight", "blockwise-rank1", "per-example", "per-example-blockwise", "activity")
+MEASURED = ("weight", "blockwise-rank1", "per-example", "per-example-blockwise", "per-example-span",
+            "per-example-span-blockwise", "activity")
 
 
 def relative_errors(model, x, y, variant: str, draws: int) -> list[float]:

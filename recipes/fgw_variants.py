@@ -48,6 +48,10 @@ VARIANTS = {  # name: (estimator, tangents, num_directions)
     "per-example": ("weight-per-example", "gaussian", 1),
     "per-example-blockwise": ("weight-per-example-blockwise", "gaussian", 1),
     "per-example-blockwise-k4": ("weight-per-example-blockwise", "gaussian", 4),
+    "per-example-blockwise-k8": ("weight-per-example-blockwise", "gaussian", 8),
+    "per-example-span": ("weight-per-example-span", "gaussian", 1),
+    "per-example-span-blockwise": ("weight-per-example-span-blockwise", "gaussian", 1),
+    "per-example-span-blockwise-k4": ("weight-per-example-span-blockwise", "gaussian", 4),
     "activity": ("activity", "gaussian", 1),  # FG-A (activity perturbation): a reference, not FG-W
     "backprop": (None, None, None),
 }

@@ -35,6 +35,8 @@ METHODS = {  # name: (estimator, options, tangents, K); None: backprop
     "backprop": None,
     "weight": ("weight", {}, "gaussian", 1),
     "weight-k4": ("weight", {}, "gaussian", 4),
+    "weight-k16": ("weight", {}, "gaussian", 16),
+    "weight-k64": ("weight", {}, "gaussian", 64),
     "orthogonal-k4": ("weight", {}, "orthogonal-gaussian", 4),
     "blockwise": ("blockwise", {"blocks": "parameter"}, "gaussian", 1),
     "blockwise-b4": ("blockwise", {"blocks": "parameter", "blocks_per_step": 4}, "gaussian", 1),

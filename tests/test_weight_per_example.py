@@ -52,10 +52,15 @@ def dense_tangents(params, batch, seed, k=0):
 
 
 def test_registered_and_reachable_by_name():
-    assert {"weight-per-example", "weight-per-example-blockwise"} <= set(fwdgrad_plugins.registered("estimators"))
+    assert {"weight-per-example", "weight-per-example-blockwise", "weight-per-example-span",
+            "weight-per-example-span-blockwise"} <= set(fwdgrad_plugins.registered("estimators"))
     fg = ForwardGradientEstimator(estimator="weight-per-example")
     assert isinstance(fg.estimator, PerExampleWeightPerturbation) and fg.estimator.reduces_gradients
+    assert not fg.estimator.input_span
     assert ForwardGradientEstimator(estimator="weight-per-example-blockwise").estimator.blocks == "layer"
+    span = ForwardGradientEstimator(estimator="weight-per-example-span-blockwise").estimator
+    assert span.input_span and span.blocks == "layer"
+    assert ForwardGradientEstimator(estimator="weight-per-example-span").estimator.blocks is None
     with pytest.raises(ValueError, match="blocks must be one of"):
         ForwardGradientEstimator(estimator="weight-per-example", estimator_options={"blocks": "row"})
 
@@ -90,6 +95,66 @@ def test_estimate_is_each_examples_gradient_along_its_own_tangent(make):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+class TokenModel(nn.Module):
+    """A linear layer over 2 tokens of 6 features (fewer inputs per example than its fan-in),
+    then a head over the flattened tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.head = nn.Linear(6, 5), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x)).flatten(1))
+
+
+def token_model(batch=4):
+    model = TokenModel()
+    x, y = torch.randn(batch, 2, 6), torch.randint(0, 3, (batch,))
+    return model, x, y
+
+
+def test_input_span_estimate_uses_each_tangent_projected_onto_its_examples_inputs():
+    # ĝ_W = Σ_b (∇ℓ_b · V_b) a_b (P_b c_b)ᵀ, P_b = X_b⁺ X_b the projector onto the rows of
+    # example b's inputs to W (computed here by pseudo-inverse, there by QR); biases as before
+    model, x, y = token_model(batch=3)
+    params = list(model.parameters())
+    result = estimate(lambda: F.cross_entropy(model(x), y), params, seed=5,
+                      estimator=PerExampleWeightPerturbation(input_span=True))
+    inputs = [x, torch.tanh(model.tokens(x)).flatten(1).unsqueeze(1)]  # (B, rows, fan-in) per weight
+    expected = [torch.zeros_like(p) for p in params]
+    tangents = dense_tangents(params, 3, seed=5)
+    for b in range(3):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]) / 3, params)
+        d = sum((g * t[b]).sum() for g, t in zip(grads, tangents))
+        for i, p in enumerate(params):
+            factors = per_example_factors(GAUSSIAN, p, i, 3, 1, 5)
+            if len(factors) == 1:
+                expected[i] += d * factors[0][0, b]
+                continue
+            rows = inputs[i // 2][b].detach()
+            projected = torch.linalg.pinv(rows) @ rows @ factors[1][0, b]
+            expected[i] += d * torch.outer(factors[0][0, b], projected)
+    assert _has_projected(expected[0], tangents[0])
+    for got, want in zip(result.grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _has_projected(estimate, tangents):
+    """The projection changed something: the estimate is not a combination of the drawn V_b."""
+    basis = tangents.reshape(tangents.shape[0], -1).T  # (numel, B)
+    residual = estimate.flatten() - basis @ torch.linalg.lstsq(basis, estimate.flatten()).solution
+    return residual.norm() > 1e-3 * estimate.norm()
+
+
+def test_input_span_is_not_an_option_of_activity_perturbation():
+    from fwdgrad_plugins.activity import activity_perturbation
+
+    model, x, y = mlp()
+    with pytest.raises(ValueError, match="input_span=True is an option of perturbation='weight-per-example'"):
+        activity_perturbation(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
+                              sampler=GAUSSIAN, num_directions=1, seed=0, input_span=True)
+
+
 def layer_norm_mlp():
     """Linear layers (per-example weight tangents) and a LayerNorm (shared-tangent fallback)."""
     model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
@@ -109,15 +174,29 @@ def embedding_mlp():
     return model, lambda: F.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("make, blocks", [
-    (layer_norm_mlp, None), (small_cnn, None), (toy_models.tied, None),
-    (layer_norm_mlp, "layer"), (embedding_mlp, "layer"),
+def tokens():
+    model, x, y = token_model()
+    return model, lambda: F.cross_entropy(model(x), y)
+
+
+def strided_cnn():
+    """A conv2d with one output position per group: 2 input rows per example, fan-in 18."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(4, 4, 4, 4), torch.randint(0, 3, (4,))
+    return model, lambda: F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("make, blocks, input_span", [
+    (layer_norm_mlp, None, False), (small_cnn, None, False), (toy_models.tied, None, False),
+    (layer_norm_mlp, "layer", False), (embedding_mlp, "layer", False),
+    (tokens, None, True), (strided_cnn, None, True), (toy_models.tied, None, True),
+    (embedding_mlp, "layer", True),
 ])
-def test_mean_over_draws_is_the_task_loss_gradient(make, blocks):
+def test_mean_over_draws_is_the_task_loss_gradient(make, blocks, input_span):
     model, closure = make()
     params = list(model.parameters())
     draws = 600 if blocks is None else 300  # per block: one pass per layer
-    estimator = PerExampleWeightPerturbation(blocks=blocks)
+    estimator = PerExampleWeightPerturbation(blocks=blocks, input_span=input_span)
     estimates = [estimate(closure, params, seed=s, num_directions=2, estimator=estimator).grads
                  for s in range(draws)]
     expected = torch.autograd.grad(closure(), params)
@@ -150,10 +229,34 @@ def test_less_error_than_one_tangent_shared_by_the_batch():
     assert per_example < 0.6 * min(shared, shared_rank1), (per_example, shared, shared_rank1)
     # and per block (two layers: one pass each), against FG-W block-wise with as many passes
     blockwise = mean_squared_error(BlockwiseWeightPerturbation())
-    assert mean_squared_error(PerExampleWeightPerturbation(blocks="layer")) < 0.6 * blockwise
+    per_example_blockwise = mean_squared_error(PerExampleWeightPerturbation(blocks="layer"))
+    assert per_example_blockwise < 0.6 * blockwise
+    # the input span (one input vector per example) removes the fan-in's factor from the error
+    assert mean_squared_error(PerExampleWeightPerturbation(input_span=True)) < 0.5 * per_example
+    span_blockwise = mean_squared_error(PerExampleWeightPerturbation(blocks="layer", input_span=True))
+    assert span_blockwise < 0.5 * per_example_blockwise
 
 
-NAMES = ["weight-per-example", "weight-per-example-blockwise"]
+def test_input_span_lowers_the_error_where_examples_disagree():
+    # independent labels: the examples' gradients disagree, where per-example tangents alone
+    # gain little; restricting c_b to the example's input still removes the fan-in's noise
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    params = list(model.parameters())
+    true = torch.cat([g.flatten() for g in torch.autograd.grad(closure(), params)])
+
+    def mean_squared_error(estimator):
+        return float(torch.stack([(torch.cat([g.flatten() for g in estimator.estimate(
+            closure, params, sampler=GAUSSIAN, num_directions=1, seed=s).grads]) - true).pow(2).sum()
+            for s in range(100)]).mean())
+
+    assert (mean_squared_error(PerExampleWeightPerturbation(input_span=True))
+            < 0.3 * mean_squared_error(PerExampleWeightPerturbation()))
+
+
+NAMES = ["weight-per-example", "weight-per-example-blockwise", "weight-per-example-span-blockwise"]
 
 
 @pytest.mark.parametrize("name", NAMES)
