@@ -26,7 +26,7 @@ from fgw_variants import VARIANTS  # noqa: E402  (the recipe's variants: one tab
 from paper_models import paper_mlp  # noqa: E402
 
 TIMED = ("weight", "weight-k2", "orthogonal-k2", "blockwise", "blockwise-rank1", "guided-k2",
-         "per-example", "per-example-blockwise", "activity")
+         "per-example", "per-example-blockwise", "per-example-span", "per-example-span-blockwise", "activity")
 METHODS = {"backprop": None, **{name: VARIANTS[name] for name in TIMED}}  # None: backprop
 
 

@@ -24,6 +24,7 @@ VARIANTS = {  # name: (estimator, options, sampler, K)
     # the per-example estimators all-reduce their gradient estimates (reduces_gradients)
     "weight-per-example": ("weight-per-example", {}, "gaussian", 2),
     "weight-per-example-blockwise": ("weight-per-example-blockwise", {}, "gaussian", 1),
+    "weight-per-example-span-blockwise": ("weight-per-example-span-blockwise", {}, "gaussian", 1),
 }
 
 
