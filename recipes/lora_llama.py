@@ -43,6 +43,8 @@ METHODS = {  # name: (estimator, options, tangents, K); None: backprop
     "guided-k4": ("guided", {}, "gaussian", 4),
     "per-example": ("weight-per-example", {}, "gaussian", 1),
     "per-example-blockwise": ("weight-per-example-blockwise", {"blocks": "parameter"}, "gaussian", 1),
+    "per-example-span": ("weight-per-example-span", {}, "gaussian", 1),
+    "per-example-span-blockwise": ("weight-per-example-span-blockwise", {"blocks": "parameter"}, "gaussian", 1),
     "activity": ("activity", {}, "gaussian", 1),  # FG-A (activity perturbation): a reference, not FG-W
 }
 
