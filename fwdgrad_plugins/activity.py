@@ -364,10 +364,14 @@ def _input_span_basis(rows: Tensor) -> Optional[Tensor]:
     """Per example, orthonormal columns (B, fan_in, R) whose span contains the example's R
     input rows (B, R, fan_in); None where R ≥ fan_in (the whole space: nothing to project).
     Householder QR gives orthonormal columns even when the rows are dependent or zero, and a
-    larger span than the rows' only adds noise, never bias."""
+    larger span than the rows' only adds noise, never bias; a zero input vector gets a zero
+    column (its gradient is zero too)."""
     if rows.shape[1] >= rows.shape[2]:
         return None
-    return torch.linalg.qr(rows.float().transpose(1, 2)).Q
+    rows = rows.float().transpose(1, 2)
+    if rows.shape[2] == 1:  # one input vector (an MLP): x / ‖x‖, without QR's per-example cost
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    return torch.linalg.qr(rows).Q
 
 
 class _PerExampleWeightTangents:
