@@ -75,6 +75,8 @@ def train(method: str, seed: int, args) -> dict:
     model = build_model(seed, args.vocab)
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA adapters
     optimizer = torch.optim.AdamW(params, lr=args.lr)
+    schedule = torch.optim.lr_scheduler.LinearLR(  # "linear": lr falls to 0 at the last step
+        optimizer, start_factor=1.0, end_factor=0.0 if args.schedule == "linear" else 1.0, total_iters=args.steps)
     spec = METHODS[method]
     estimator = None
     if spec is not None:
@@ -96,6 +98,7 @@ def train(method: str, seed: int, args) -> dict:
         else:
             estimator.backward(lambda: lm_loss(model, batch), params)
         optimizer.step()
+        schedule.step()
         seconds += time.perf_counter() - start
         if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad():
@@ -171,6 +174,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--schedule", choices=["constant", "linear"], default="constant",
+                        help="the learning rate: constant, or falling linearly to 0 over --steps")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--period", type=int, default=8)

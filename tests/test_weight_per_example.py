@@ -179,6 +179,23 @@ def tokens():
     return model, lambda: F.cross_entropy(model(x), y)
 
 
+class TiedEmbedding(nn.Module):
+    """An embedding whose weight is also the output layer's (F.embedding and F.linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(7, 5)
+
+    def forward(self, ids):
+        return F.linear(torch.tanh(self.embedding(ids).mean(1)), self.embedding.weight)
+
+
+def tied_embedding():
+    model = TiedEmbedding()
+    ids, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))
+    return model, lambda: F.cross_entropy(model(ids), y)
+
+
 def strided_cnn():
     """A conv2d with one output position per group: 2 input rows per example, fan-in 18."""
     model = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
@@ -190,6 +207,7 @@ def strided_cnn():
     (layer_norm_mlp, None, False), (small_cnn, None, False), (toy_models.tied, None, False),
     (layer_norm_mlp, "layer", False), (embedding_mlp, "layer", False),
     (tokens, None, True), (strided_cnn, None, True), (toy_models.tied, None, True),
+    (tied_embedding, None, True),
     (embedding_mlp, "layer", True),
 ])
 def test_mean_over_draws_is_the_task_loss_gradient(make, blocks, input_span):
