@@ -274,7 +274,8 @@ def test_input_span_lowers_the_error_where_examples_disagree():
             < 0.3 * mean_squared_error(PerExampleWeightPerturbation()))
 
 
-NAMES = ["weight-per-example", "weight-per-example-blockwise", "weight-per-example-span-blockwise"]
+NAMES = ["weight-per-example", "weight-per-example-blockwise", "weight-per-example-span",
+         "weight-per-example-span-blockwise"]
 
 
 @pytest.mark.parametrize("name", NAMES)
