@@ -360,14 +360,19 @@ def _input_rows(layer: _Layer) -> Tensor:
     return columns.transpose(2, 3).reshape(columns.shape[0], -1, columns.shape[2])
 
 
-def _input_span_basis(rows: Tensor) -> Optional[Tensor]:
+def _input_row_count(layer: _Layer) -> int:
+    """How many rows :func:`_input_rows` gives per example, read off the shapes (a conv2d's
+    unfolded input is formed only where the span is smaller than the fan-in)."""
+    if layer.func is F.linear:
+        return layer.input[0].numel() // layer.input.shape[-1]
+    return layer.options.get("groups", 1) * math.prod(layer.tangent.shape[2:])
+
+
+def _input_span_basis(rows: Tensor) -> Tensor:
     """Per example, orthonormal columns (B, fan_in, R) whose span contains the example's R
-    input rows (B, R, fan_in); None where R ≥ fan_in (the whole space: nothing to project).
-    Householder QR gives orthonormal columns even when the rows are dependent or zero, and a
-    larger span than the rows' only adds noise, never bias; a zero input vector gets a zero
-    column (its gradient is zero too)."""
-    if rows.shape[1] >= rows.shape[2]:
-        return None
+    input rows (B, R, fan_in), R < fan_in. Householder QR gives orthonormal columns even when
+    the rows are dependent or zero, and a larger span than the rows' only adds noise, never
+    bias; a zero input vector gets a zero column (its gradient is zero too)."""
     rows = rows.float().transpose(1, 2)
     if rows.shape[2] == 1:  # one input vector (an MLP): x / ‖x‖, without QR's per-example cost
         return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
@@ -419,10 +424,13 @@ class _PerExampleWeightTangents:
 
     def _basis(self, index: int, layers: list[_Layer]) -> Optional[Tensor]:
         """The input-span basis of weight ``index``, from its calls' inputs (the same primal
-        inputs in every direction's pass, so computed once)."""
+        inputs in every direction's pass, so computed once); None where the inputs may span
+        the whole fan-in (P_b = I: nothing to project)."""
         if index not in self.bases:
-            rows = [_input_rows(l) for l in layers if self.trained[id(l.weight)] == index]
-            self.bases[index] = _input_span_basis(torch.cat(rows, dim=1))
+            calls = [l for l in layers if self.trained[id(l.weight)] == index]
+            whole_space = sum(map(_input_row_count, calls)) >= calls[0].weight[0].numel()
+            self.bases[index] = None if whole_space else _input_span_basis(
+                torch.cat([_input_rows(l) for l in calls], dim=1))
         return self.bases[index]
 
     def add_gradients(self, k: int, layers: list[_Layer], per_example: Tensor, add, first_grouped: int):
@@ -623,9 +631,10 @@ class PerExampleWeightPerturbation:
             the in − rank(X_b) components of c_b that it could not see leave the estimate. With
             one input vector per example (an MLP) a layer's error falls from about (out + 2)(in + 2)
             to (out + 2)·3 times its gradient's square norm; where an example has at least as many
-            inputs as the fan-in (most convolutions) nothing changes. One QR per example and
-            weight per step (of the fan-in × inputs matrix). Registered as
-            ``weight-per-example-span`` and ``weight-per-example-span-blockwise``.
+            inputs as the fan-in (most convolutions) nothing changes, and nothing is computed.
+            One QR per example and weight per step (of the fan-in × inputs matrix; x/‖x‖ for
+            one input). Registered as ``weight-per-example-span`` and
+            ``weight-per-example-span-blockwise``.
     """
 
     reduces_gradients = True  # the estimate depends on each process's own examples

@@ -315,3 +315,20 @@ def test_trains_and_resumes_bit_identically(name):
     first, _, state = train(name, 30)
     resumed, _, _ = train(name, 30, start=30, state=state)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Linear(6, 5), torch.randn(4, 2, 3, 6)),
+    (nn.Conv2d(4, 4, 3, stride=2, groups=2), torch.randn(3, 4, 4, 4)),
+    (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), torch.randn(3, 4, 6, 6)),
+    (nn.Conv2d(3, 8, (3, 2), dilation=2, padding="same"), torch.randn(2, 3, 7, 7)),
+])
+def test_the_input_row_count_read_off_the_shapes_is_the_rows_formed(layer, x):
+    # the input span skips forming (unfolding) the rows where their count reaches the fan-in
+    from fwdgrad_plugins.activity import _input_row_count, _input_rows, _Layer
+
+    func = F.linear if isinstance(layer, nn.Linear) else F.conv2d
+    options = {} if func is F.linear else dict(stride=layer.stride, padding=layer.padding,
+                                               dilation=layer.dilation, groups=layer.groups)
+    call = _Layer(func, layer.weight, layer.bias, x, layer(x).detach(), options)
+    assert _input_row_count(call) == _input_rows(call).shape[1]
