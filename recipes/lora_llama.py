@@ -41,6 +41,7 @@ METHODS = {  # name: (estimator, options, tangents, K); None: backprop
     "weight-k4": ("weight", {}, "gaussian", 4),
     "weight-k16": ("weight", {}, "gaussian", 16),
     "weight-k64": ("weight", {}, "gaussian", 64),
+    "weight-k256": ("weight", {}, "gaussian", 256),
     "orthogonal-k4": ("weight", {}, "orthogonal-gaussian", 4),
     "blockwise": ("blockwise", {"blocks": "parameter"}, "gaussian", 1),
     "blockwise-b4": ("blockwise", {"blocks": "parameter", "blocks_per_step": 4}, "gaussian", 1),
@@ -114,6 +115,25 @@ def train(method: str, seed: int, args) -> dict:
                 history.append((step, seconds, lm_loss(model, evaluation).item()))
     return {"method": method, "seed": seed, "history": history, "seconds": seconds,
             "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def gradient_shares(seed: int, steps: list[int], args) -> None:
+    """Print each adapter tensor's share of ‖g‖² along backprop's run (the same batches and
+    optimizer as ``train``): how unevenly the gradient falls on the tensors."""
+    model = build_model(seed, args.vocab)
+    short = lambda n: n.split("layers.")[-1].replace("self_attn.", "").replace("_proj.lora_", " ").removesuffix(".default.weight")
+    named = [(short(n), p) for n, p in model.named_parameters() if p.requires_grad]  # "0.q A": layer 0, q_proj's A
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=args.lr)
+    data = torch.Generator().manual_seed(1000 + seed)
+    print("| step | loss | " + " | ".join(n for n, _ in named) + " |\n|---|---|" + "---|" * len(named))
+    for step in range(1, max(steps) + 1):
+        optimizer.zero_grad()
+        loss = lm_loss(model, repeated_phrases(args.batch, args.length, args.period, args.vocab, data))
+        loss.backward()
+        if step in steps:
+            squares = torch.stack([p.grad.pow(2).sum() for _, p in named])
+            print(f"| {step} | {loss.item():.2f} | " + " | ".join(f"{s:.2f}" for s in (squares / squares.sum()).tolist()) + " |")
+        optimizer.step()
 
 
 def loss_at_time(history, t: float) -> float:
@@ -196,7 +216,14 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default=None)
     parser.add_argument("--report", nargs="+", default=None, metavar="RESULTS_JSON",
                         help="train nothing: the table and plot of earlier runs' results.json files")
+    parser.add_argument("--gradient-shares", default=None, metavar="STEPS",
+                        help="train nothing but backprop (first seed): print each tensor's share of "
+                             "the squared gradient norm at these comma-separated steps")
     args = parser.parse_args(argv)
+    if args.gradient_shares:
+        torch.set_num_threads(args.threads)
+        gradient_shares(int(args.seeds.split(",")[0]), [int(s) for s in args.gradient_shares.split(",")], args)
+        return
     if args.report:
         saved = [json.loads(Path(path).read_text()) for path in args.report]
         runs = [r for s in saved for r in s["runs"]]
