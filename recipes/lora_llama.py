@@ -43,7 +43,7 @@ METHODS = {  # name: (estimator, options, tangents, K); None: backprop
     "weight-k64": ("weight", {}, "gaussian", 64),
     "weight-k256": ("weight", {}, "gaussian", 256),
     "orthogonal-k4": ("weight", {}, "orthogonal-gaussian", 4),
-    "blockwise": ("blockwise", {"blocks": "parameter"}, "gaussian", 1),
+    "blockwise": ("blockwise-parameter", {}, "gaussian", 1),
     "blockwise-b4": ("blockwise", {"blocks": "parameter", "blocks_per_step": 4}, "gaussian", 1),
     "blockwise-k4": ("blockwise-parameter", {}, "gaussian", 4),  # K directions per tensor
     "blockwise-k8": ("blockwise-parameter", {}, "gaussian", 8),
@@ -125,7 +125,7 @@ def gradient_shares(seed: int, steps: list[int], args) -> None:
     named = [(short(n), p) for n, p in model.named_parameters() if p.requires_grad]  # "0.q A": layer 0, q_proj's A
     optimizer = torch.optim.AdamW([p for _, p in named], lr=args.lr)
     data = torch.Generator().manual_seed(1000 + seed)
-    print("| step | loss | " + " | ".join(n for n, _ in named) + " |\n|---|---|" + "---|" * len(named))
+    print("| step | training loss | " + " | ".join(n for n, _ in named) + " |\n|---|---|" + "---|" * len(named))
     for step in range(1, max(steps) + 1):
         optimizer.zero_grad()
         loss = lm_loss(model, repeated_phrases(args.batch, args.length, args.period, args.vocab, data))
