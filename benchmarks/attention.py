@@ -6,7 +6,7 @@ length 2048 trains with ``ForwardGradient.step`` (SGD, gaussian tangents). Two m
 - ``math``: every attention takes torch's math kernel (the rule's threshold ``BLOCK_SIZE``
   raised above the sequence length), which materialises the (batch, heads, L, L) scores, their
   softmax and both tangents;
-- ``blocked``: the default, ``fwdgrad_plugins.attention``'s rule, keys in blocks of
+- ``blocked``: the default, ``fwdgrad_plugins.engine.attention``'s rule, keys in blocks of
   ``--block-size``.
 
 Step time: both methods in one process, interleaved round by round; the ratio is the median
@@ -32,7 +32,8 @@ import time
 
 import torch
 
-from fwdgrad_plugins import ForwardGradient, attention, cpu_memory
+from fwdgrad_plugins import ForwardGradient, cpu_memory
+from fwdgrad_plugins.engine import attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import _rss_bytes, machine, median_ratio  # noqa: E402  (the same measurements as step.py)

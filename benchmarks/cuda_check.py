@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad_plugins
-from fwdgrad_plugins import counter_rng
-from fwdgrad_plugins.forward_mode import directional_derivatives
+from fwdgrad_plugins.tangents import counter_rng
+from fwdgrad_plugins.engine.forward_mode import directional_derivatives
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # paper_models, mnist_data
 from paper_models import paper_cnn, paper_mlp  # noqa: E402
-from fwdgrad_plugins.tangents import RankOne
+from fwdgrad_plugins.tangents.tangent import RankOne
 
 # error / ‖∇f‖ allowed; or up to twice the error of backprop in the same dtype
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}

@@ -113,7 +113,7 @@ def make_step(method: str, model: torch.nn.Module, case: Case, loss: str = "bloc
     """One training step on a batch of token ids, returning the loss: the model's own
     (``loss="model"``) or the same value with the head's logits in blocks of 64 tokens."""
     from fwdgrad_plugins import ForwardGradient, ForwardSGD
-    from fwdgrad_plugins.lm_loss import blocked_causal_lm_loss
+    from fwdgrad_plugins.engine.lm_loss import blocked_causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     if loss == "model":
@@ -336,7 +336,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--loss", choices=["blocked", "model"], default="blocked",
                         help="every method's loss: the model's own, or the same with the vocabulary "
-                        "logits in blocks of 64 tokens (fwdgrad_plugins.lm_loss)")
+                        "logits in blocks of 64 tokens (fwdgrad_plugins.engine.lm_loss)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine the results of earlier runs' --json files into one report (a later "
                         "file's results replace an earlier one's; with --cases/--methods: rerun those too)")

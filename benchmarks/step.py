@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import fwdgrad_plugins
 from fwdgrad_plugins import ForwardGradient, ForwardSGD, cpu_memory
-from fwdgrad_plugins.forward_mode import directional_derivatives
+from fwdgrad_plugins.engine.forward_mode import directional_derivatives
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # paper_models, mnist_data
 from paper_models import deep_mlp, paper_cnn, paper_mlp  # noqa: E402
 

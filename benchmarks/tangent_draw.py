@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from fwdgrad_plugins import counter_rng
+from fwdgrad_plugins.tangents import counter_rng
 
 PAPER_MLP_PARAMETERS = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
 

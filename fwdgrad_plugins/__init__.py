@@ -16,8 +16,8 @@ from fwdgrad_plugins.errors import (
     ParametersNotUsedError,
     UnsupportedOperationError,
 )
-from fwdgrad_plugins.estimators import Estimate, ForwardGradientEstimator
-from fwdgrad_plugins.forward_mode import directional_derivatives
+from fwdgrad_plugins.estimators.core import Estimate, ForwardGradientEstimator
+from fwdgrad_plugins.engine.forward_mode import directional_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.optim import ForwardSGD
 from fwdgrad_plugins.plugins import UnknownNameError, get, registered

@@ -23,7 +23,7 @@ hookimpl = HookimplMarker("fwdgrad_plugins")
 def register_tangent_samplers(register):
     """Register tangent samplers: ``register(name, factory)``.
 
-    ``factory()`` returns a :class:`fwdgrad_plugins.tangents.TangentSampler`, whose
+    ``factory()`` returns a :class:`fwdgrad_plugins.tangents.tangent.TangentSampler`, whose
     ``sample(params, num_directions, seed)`` draws the K tangents for each parameter (and
     may accept ``workspace=``, memory to draw into: see the protocol).
     """
@@ -34,9 +34,9 @@ def register_estimators(register):
     """Register gradient estimators: ``register(name, factory)``.
 
     ``factory(**options)`` returns an object with ``estimate(closure, params, *, sampler,
-    num_directions, seed, reduce)`` returning a :class:`fwdgrad_plugins.estimators.Estimate`.
+    num_directions, seed, reduce)`` returning a :class:`fwdgrad_plugins.estimators.core.Estimate`.
     An estimator whose estimate is (1/K) Σ_k d_k v_k may also offer ``tangents(sampler, params,
-    num_directions, seed)`` (a :class:`fwdgrad_plugins.streaming.TangentStream`) and
+    num_directions, seed)`` (a :class:`fwdgrad_plugins.tangents.streaming.TangentStream`) and
     ``derivatives(closure, params, tangents)``: ``ForwardSGD`` then applies it without ``.grad``.
     """
 

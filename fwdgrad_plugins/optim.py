@@ -2,7 +2,7 @@
 
 Forward-gradient SGD's update is a function of (θ, d, v) alone, so it needs no gradient
 tensor: after the closure's K directional derivatives d_k are known, each parameter's K
-tangents are redrawn from the counter-based stream (:mod:`fwdgrad_plugins.streaming`) and the
+tangents are redrawn from the counter-based stream (:mod:`fwdgrad_plugins.tangents.streaming`) and the
 parameter is updated in place, one at a time:
 
     θ ← θ − lr · ((1/K) Σ_k d_k v_k + weight_decay · θ)
@@ -35,9 +35,9 @@ from torch import Tensor
 
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
-from fwdgrad_plugins.estimators import Estimate, Reduce, check_finite, trainable_parameters
-from fwdgrad_plugins.streaming import combination, is_streamed, tangent_stream
-from fwdgrad_plugins.tangents import derive_seed
+from fwdgrad_plugins.estimators.core import Estimate, Reduce, check_finite, trainable_parameters
+from fwdgrad_plugins.tangents.counter_rng import derive_seed
+from fwdgrad_plugins.tangents.streaming import combination, is_streamed, tangent_stream
 
 
 class ForwardSGD(torch.optim.Optimizer):

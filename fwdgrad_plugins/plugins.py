@@ -18,12 +18,15 @@ from fwdgrad_plugins import hookspecs
 ENTRY_POINT_GROUP = "fwdgrad_plugins"
 KINDS = ("tangent_samplers", "estimators", "integrations")
 DEFAULT_PLUGINS = (
-    "fwdgrad_plugins.tangents",
-    "fwdgrad_plugins.estimators",
-    "fwdgrad_plugins.spsa",
-    "fwdgrad_plugins.activity",
-    "fwdgrad_plugins.local_losses",
-    "fwdgrad_plugins.directions",
+    "fwdgrad_plugins.tangents.samplers",
+    "fwdgrad_plugins.tangents.orthogonal",
+    "fwdgrad_plugins.estimators.weight",
+    "fwdgrad_plugins.estimators.spsa",
+    "fwdgrad_plugins.estimators.activity",
+    "fwdgrad_plugins.estimators.per_example",
+    "fwdgrad_plugins.estimators.local_losses",
+    "fwdgrad_plugins.estimators.blockwise",
+    "fwdgrad_plugins.estimators.guided",
     "fwdgrad_plugins.integrations",
 )
 

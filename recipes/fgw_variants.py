@@ -96,11 +96,11 @@ def run(argv) -> None:
 
 def train(argv) -> None:
     """recipes/mnist.py with one more optimizer: ``adam-size-scaled``, Adam with a learning rate
-    per layer, lr·√(n_min / n_layer) (fwdgrad_plugins.directions.size_scaled_param_groups)."""
+    per layer, lr·√(n_min / n_layer) (fwdgrad_plugins.estimators.blockwise.size_scaled_param_groups)."""
     sys.path.insert(0, str(RECIPES))
     import mnist  # recipes/mnist.py, the shared recipe
 
-    from fwdgrad_plugins.directions import size_scaled_param_groups
+    from fwdgrad_plugins.estimators.blockwise import size_scaled_param_groups
 
     mnist.OPTIMIZERS["adam-size-scaled"] = lambda params, lr: torch.optim.Adam(size_scaled_param_groups(params, lr), lr=lr)
     mnist.main(argv)

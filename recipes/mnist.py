@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader
 import fwdgrad_plugins
 import mnist_data as data  # recipes/mnist_data.py, beside this script
 import paper_models as models  # recipes/paper_models.py
-from fwdgrad_plugins import ForwardGradientEstimator, counter_rng, local_losses
+from fwdgrad_plugins import ForwardGradientEstimator
+from fwdgrad_plugins.estimators import local_losses
+from fwdgrad_plugins.tangents import counter_rng
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist  # noqa: E402  (recipes/mnist.py, the shared recipe)
 
-from fwdgrad_plugins.local_losses import with_local_losses  # noqa: E402
+from fwdgrad_plugins.estimators.local_losses import with_local_losses  # noqa: E402
 
 # Ren, Kornblith, Liao and Hinton (ICLR 2023), Table 3, MNIST test error (%).
 REN_ET_AL = {"weight": "9.25", "activity": "3.24", "local-activity": "2.55", "backprop": "2.41-2.66"}

@@ -1,4 +1,4 @@
-"""One of two gloo processes for tests/test_directions.py: trains a small model with each
+"""One of two gloo processes for tests/estimators/test_blockwise.py: trains a small model with each
 new estimator on its own data, all-reducing the K directional derivatives only (the gradient
 estimates for the per-example estimators), and prints
 "<variant> <parameter digest> <first loss>" per variant.
