@@ -11,7 +11,7 @@ from fwdgrad_plugins.engine import attention
 from fwdgrad_plugins.engine.attention import attention_jvp
 from fwdgrad_plugins.estimators.core import trainable_parameters
 
-from test_model_families import FAMILIES, autograd_derivatives
+from model_families import FAMILIES, autograd_derivatives
 
 
 def math_jvp(q, k, v, tangents, **options):

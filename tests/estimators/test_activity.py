@@ -176,7 +176,7 @@ def test_trains_through_the_transformers_trainer_with_the_same_option(name, tmp_
     # divided by the token count); GPT-2's Conv1D weights and embeddings fall back to weight
     # perturbation, its linear lm_head is tied to the token embedding.
     from fwdgrad_plugins import FwdGradTrainer
-    from test_transformers_trainer import MODELS, arguments, snapshot
+    from tiny_transformers import MODELS, arguments, snapshot
 
     make_model, make_data, _ = MODELS[name]
     model = make_model()

@@ -6,7 +6,7 @@ import warnings
 import pytest
 from fwdgrad_plugins import FwdGradTrainer, LossWithoutTangentError
 
-from test_transformers_trainer import arguments, classification_data, tiny_bert
+from tiny_transformers import arguments, classification_data, tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

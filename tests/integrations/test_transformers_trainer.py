@@ -1,7 +1,5 @@
-"""FwdGradTrainer and FwdGradTrainingArguments: Trainer features with forward gradients.
-
-Tiny BERT and GPT-2 models built from configs (no download), SDPA attention, CPU only.
-"""
+"""FwdGradTrainer and FwdGradTrainingArguments: Trainer features with forward gradients,
+on the tiny BERT and GPT-2 of ``tests/tiny_transformers.py`` (SDPA attention, CPU only)."""
 
 import json
 import os
@@ -12,68 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    BertConfig,
-    GPT2Config,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments, get
 from fwdgrad_plugins.integrations.transformers_trainer import ESTIMATOR_STATE_NAME
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
+
 from processes import free_port
-
-VOCAB, LENGTH = 24, 8
-
+from tiny_transformers import MODELS, arguments, classification_data, language_data, snapshot, tiny_bert, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_bert(dropout=0.1):
-    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-
-
-def tiny_gpt2(dropout=0.1):
-    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=LENGTH,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
-def classification_data(n=16):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(VOCAB, (n, LENGTH), generator=g)
-    return [{"input_ids": x, "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": int(x[0] % 2)}
-            for x in ids]
-
-
-def language_data(n=16):
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": x, "labels": x} for x in torch.randint(VOCAB, (n, LENGTH), generator=g)]
-
-
-MODELS = {
-    "bert": (tiny_bert, classification_data, "bert.embeddings.word_embeddings.weight"),
-    "gpt2": (tiny_gpt2, language_data, "transformer.wpe.weight"),  # wte is tied to lm_head
-}
-
-
-def arguments(tmp_path, **overrides):
-    options = dict(output_dir=str(tmp_path), optim="fwdgrad", learning_rate=1e-2, max_steps=1,
-                   per_device_train_batch_size=4, use_cpu=True, report_to="none", save_strategy="no",
-                   disable_tqdm=True, logging_steps=1, seed=0)
-    return FwdGradTrainingArguments(**{**options, **overrides})
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("name", MODELS)
