@@ -186,14 +186,41 @@ def test_bad_option_fails_while_parsing_before_training(option, value, message, 
         HfArgumentParser(FwdGradTrainingArguments).parse_args_into_dataclasses(argv)
 
 
+def test_an_estimator_forward_sgd_cannot_apply_fails_while_parsing_and_names_the_flag(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--optim", "fwdgrad", "--fwdgrad_estimator", "blockwise-parameter",
+            "--fwdgrad_inner_optim", "forward_sgd", "--use_cpu"]
+    with pytest.raises(ValueError, match="blockwise-parameter forms its estimate .* pass --fwdgrad_inner_optim sgd"):
+        HfArgumentParser(FwdGradTrainingArguments).parse_args_into_dataclasses(argv)
+    arguments(tmp_path, fwdgrad_estimator="spsa", fwdgrad_inner_optim="forward_sgd")  # one it can apply
+
+
+def test_local_activity_is_refused_before_training_for_a_model_without_local_losses(tmp_path):
+    from fwdgrad_plugins.estimators.local_losses import with_local_losses
+
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="local-activity trains a LocalLossNetwork .* BertForSequenceClassification"):
+        FwdGradTrainer(model=model, args=arguments(tmp_path, fwdgrad_estimator="local-activity"),
+                       train_dataset=classification_data())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    local = with_local_losses(mlp, num_classes=2, example_input=torch.zeros(1, 4))
+    FwdGradTrainer(model=local, args=arguments(tmp_path, fwdgrad_estimator="local-activity"))  # accepted
+
+
 def test_inner_optimizer_that_steps_inside_backward_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'lomo' updates parameters during backward"):
         arguments(tmp_path, fwdgrad_inner_optim="lomo")
 
 
-def test_fwdgrad_options_without_optim_fwdgrad_warn_that_backprop_trains(tmp_path):
-    with pytest.warns(UserWarning, match="--fwdgrad_num_directions set but --optim is 'sgd'"):
+def test_fwdgrad_options_without_optim_fwdgrad_warn_that_backprop_trains_at_the_callers_line(tmp_path):
+    with pytest.warns(UserWarning, match="--fwdgrad_num_directions set but --optim is 'sgd'") as caught:
         arguments(tmp_path, optim="sgd", fwdgrad_num_directions=4)
+    assert caught[0].filename.endswith("tiny_transformers.py"), caught[0].filename  # where arguments() builds them
+    argv = ["--output_dir", str(tmp_path), "--optim", "sgd", "--fwdgrad_tangents", "rademacher", "--use_cpu"]
+    with pytest.warns(UserWarning, match="--fwdgrad_tangents set") as caught:
+        HfArgumentParser(FwdGradTrainingArguments).parse_args_into_dataclasses(argv)
+    assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)
 
 
 def test_a_given_optimizer_becomes_the_inner_one_and_a_wrapper_is_refused(tmp_path):
