@@ -2,6 +2,7 @@
 start learns and prints no warning, the results table is the one the recipe prints from the
 JSON it wrote, the test command is CI's."""
 
+import ast
 import importlib.util
 import json
 import re
@@ -60,7 +61,7 @@ def test_the_readme_test_command_is_the_one_ci_runs():
 
 
 def test_the_readme_stays_short_and_links_every_docs_page():
-    assert len(README.splitlines()) <= 260
+    assert len(README.splitlines()) <= 250
     for page in sorted((REPO / "docs").glob("*.md")):
         assert f"docs/{page.name}" in README, page.name
 
@@ -95,3 +96,34 @@ def test_every_image_the_docs_show_exists():
     for page in PAGES:
         for image in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", page.read_text()):
             assert (page.parent / image).is_file(), f"{page.name}: {image}"
+
+
+def help_texts(script: Path) -> list[str]:
+    """The texts a script's argparse ``--help`` shows: string help=/description= arguments,
+    and the module docstring where it is passed as the description."""
+    tree = ast.parse(script.read_text())
+    texts = []
+    for node in ast.walk(tree):
+        for keyword in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
+            if keyword.arg in ("help", "description", "epilog"):
+                if isinstance(keyword.value, ast.Constant) and isinstance(keyword.value.value, str):
+                    texts.append(keyword.value.value)
+                elif "__doc__" in ast.unparse(keyword.value):  # e.g. __doc__.splitlines()[0]
+                    docstring = tree.body[0].value.value
+                    texts.append(eval(ast.unparse(keyword.value), {"__doc__": docstring}))
+    return texts
+
+
+@pytest.mark.parametrize("script", sorted([*REPO.glob("recipes/*.py"), *REPO.glob("benchmarks/*.py")]),
+                         ids=lambda p: p.name)
+def test_help_texts_are_plain_text_not_rest(script):
+    assert not [text for text in help_texts(script) if "``" in text]
+
+
+def test_help_texts_reads_docstrings_passed_as_descriptions(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text('"""Uses ``x``."""\nimport argparse\np = argparse.ArgumentParser(description=__doc__.split()[0])\n'
+                      'p.add_argument("--a", help="b")\n')
+    assert help_texts(script) == ["Uses", "b"]
+    script.write_text('"""Uses ``x``."""\nimport argparse\np = argparse.ArgumentParser(description=__doc__)\n')
+    assert help_texts(script) == ["Uses ``x``."]
