@@ -86,6 +86,7 @@ def test_a_layer_imports_nothing_above_it(layer):
     assert not any(wrong.values()), {m: w for m, w in wrong.items() if w}
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     """Each module imported with none of the package loaded before it (one interpreter, the
     package's modules cleared between imports): no import works only because another module

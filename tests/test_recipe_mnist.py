@@ -17,6 +17,8 @@ import fwdgrad_plugins
 from paper_models import paper_mlp
 from processes import free_port
 
+pytestmark = pytest.mark.slow  # each test trains or starts processes
+
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist.py")
 # 128 images at batch 32: 4 steps per epoch, so 6 steps cross an epoch and step 3 is mid-epoch.
 SMALL = ["--train-limit", "128", "--test-limit", "100", "--batch-size", "32", "--max-steps", "6",
@@ -84,7 +86,6 @@ ONE_PROCESS = ["-q", "--num_processes", "1", "--cpu", "--num_machines", "1", "--
                "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [[], ["-m", "accelerate.commands.launch", *ONE_PROCESS]],
                          ids=["python", "accelerate-launch-q"])
 def test_offline_without_a_data_folder_prints_one_line_with_the_fix_and_leaves_no_empty_folder(tmp_path, launcher):

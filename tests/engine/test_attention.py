@@ -92,6 +92,7 @@ def test_dropout_takes_the_math_kernel(monkeypatch):
     assert result.derivatives.shape == (1,)
 
 
+@pytest.mark.slow
 def test_the_benchmark_command_writes_its_table_plot_and_json(tmp_path):
     import json
     import subprocess

@@ -28,6 +28,7 @@ def test_directional_derivatives_equal_autograd(family, num_directions, one_thre
     torch.testing.assert_close(result.derivatives, expected, rtol=2e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "llama", "t5", "resnet18_batchnorm", "lstm",
                                     "transformer_encoder", "lora_gpt2", "compiled_mlp"])
 def test_a_few_steps_lower_the_loss(family, one_thread):

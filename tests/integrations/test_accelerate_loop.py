@@ -85,6 +85,7 @@ def test_trackers_record_losses_evaluations_and_configuration(tmp_path):
     assert rows[0] == "step,name,value" and sum(",fwdgrad/train_loss," in row for row in rows) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fwdgrad", "backprop"])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, method):
     options = dict(epochs=3, max_steps=8, shuffle=True, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3)

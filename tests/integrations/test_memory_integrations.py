@@ -15,7 +15,7 @@ from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 from tiny_loop import DECAY, dataset, fresh_model
 from tiny_transformers import arguments, language_data, snapshot, tiny_gpt2
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def hf_run(output_dir, resume=None, **overrides):

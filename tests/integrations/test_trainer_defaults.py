@@ -8,7 +8,7 @@ from fwdgrad_plugins import FwdGradTrainer, LossWithoutTangentError
 
 from tiny_transformers import arguments, classification_data, tiny_bert
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def train(tmp_path, trainer_class=FwdGradTrainer, **overrides):

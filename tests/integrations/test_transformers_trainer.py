@@ -22,6 +22,7 @@ from tiny_transformers import MODELS, arguments, classification_data, language_d
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path):
     make_model, make_data, frozen_name = MODELS[name]
@@ -44,6 +45,7 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_directions", [1, 2])  # the dual-tensor pass and the vmapped jvp
 def test_bf16_autocast_on_cpu_trains(num_directions, tmp_path):
     torch.manual_seed(0)
@@ -87,6 +89,7 @@ def train_one_step(trainer_class, make_model, make_data, tmp_path, loss_is_scale
     return trainer, recorder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, loss_is_scaled_for_ga, max_grad_norm", [
     ("bert", None, 0.0),
     ("bert", False, 1e-3),  # Trainer divides the loss by the accumulation steps; clipping on
@@ -123,6 +126,7 @@ def test_accumulated_estimate_is_trainers_gradient_projected_on_each_micro_batch
         torch.testing.assert_close(forward.applied[n], want, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["weight", "guided"])  # guided: tensors of its own
 def test_resume_from_checkpoint_ends_bit_identical(estimator, tmp_path):
     """Accumulation, warm-up + linear decay, clipping and dropout: 4 steps in one go equal 2
@@ -223,6 +227,7 @@ def test_fwdgrad_options_without_optim_fwdgrad_warn_that_backprop_trains_at_the_
     assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)
 
 
+@pytest.mark.slow
 def test_a_given_optimizer_becomes_the_inner_one_and_a_wrapper_is_refused(tmp_path):
     from fwdgrad_plugins import ForwardGradient
 
@@ -236,6 +241,7 @@ def test_a_given_optimizer_becomes_the_inner_one_and_a_wrapper_is_refused(tmp_pa
         FwdGradTrainer(model=model, args=arguments(tmp_path), optimizers=(ForwardGradient(sgd), None))
 
 
+@pytest.mark.slow
 def test_plain_trainer_refuses_fwdgrad_arguments_before_any_update(tmp_path):
     model = tiny_bert()
     before = snapshot(model)
@@ -245,6 +251,7 @@ def test_plain_trainer_refuses_fwdgrad_arguments_before_any_update(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_other_optimizers_train_exactly_as_trainer(tmp_path):
     def run(trainer_class):
         torch.manual_seed(0)
@@ -257,6 +264,7 @@ def test_other_optimizers_train_exactly_as_trainer(tmp_path):
     assert all(torch.equal(reference[n], ours[n]) for n in reference)
 
 
+@pytest.mark.slow
 def test_recipe_trains_both_ways_and_prints_the_comparison(mnist_root, tmp_path, monkeypatch, capsys):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "hf_trainer.py"
     results = tmp_path / "results.jsonl"
@@ -280,6 +288,7 @@ def train_language_model(output_dir, batch_size):
     return args, snapshot(model)
 
 
+@pytest.mark.slow
 def test_two_processes_apply_the_update_of_one_process_on_the_global_batch(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo, DDP-wrapped model), batch 2 each: the
     mean directional derivative over processes and shared tangents give every process the
