@@ -98,6 +98,25 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
 
 
+@pytest.mark.parametrize("inner", ["forward_sgd", "sgd"])
+def test_a_causal_lm_s_loss_runs_blocked_and_without_a_kv_cache(inner, tmp_path, monkeypatch):
+    """Trainer's own compute_loss (the model's loss_function over a large vocabulary) takes the
+    blocked cross-entropy rule, and the model builds no KV cache, without the user asking."""
+    from fwdgrad_plugins.engine import cross_entropy
+
+    calls, caches = [], []
+    rule = cross_entropy.blocked_cross_entropy
+    monkeypatch.setattr(cross_entropy, "blocked_cross_entropy", lambda *a, **k: calls.append(1) or rule(*a, **k))
+    vocab = cross_entropy.MIN_CLASSES
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=vocab, n_embd=8, n_layer=1, n_head=2,
+                                                        n_positions=LENGTH), attn_implementation="sdpa")
+    model.transformer.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(vocab, (8, LENGTH))]
+    FwdGradTrainer(model=model, args=arguments(tmp_path, fwdgrad_inner_optim=inner, max_grad_norm=0.0),
+                   train_dataset=data).train()
+    assert calls and caches and all(cache is None for cache in caches)
+
+
 @pytest.mark.parametrize("num_directions", [1, 2])  # the dual-tensor pass and the vmapped jvp
 def test_bf16_autocast_on_cpu_trains(num_directions, tmp_path):
     torch.manual_seed(0)
