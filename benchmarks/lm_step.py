@@ -23,11 +23,13 @@ So ``forward-sgd − jvp`` is the update (its draws included) and ``jvp − forw
 forward mode adds to the pass besides the draws.
 
     python benchmarks/lm_step.py --cases gpt2,llama --rounds 5 --json lm_step.json --markdown lm_step.md
+    python benchmarks/lm_step.py --cases gpt2 --layers 3 --profile   # torch.profiler's split of one jvp
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -69,6 +71,21 @@ def make_runner(method: str, model: torch.nn.Module, case, closure: str):
                                                tangent_stream(sampler, params, 1, next(seed)))
 
 
+def profile_case(name: str, closure: str, layers) -> str:
+    """torch.profiler's table of one forward-mode pass (``jvp``) after a warm-up one: the ops by
+    self CPU time."""
+    case = CASES[name] if layers is None else dataclasses.replace(CASES[name], layers=layers)
+    torch.manual_seed(0)
+    model = case.build()
+    model.train()
+    ids = batches(case, 1)[0]
+    run = make_runner("jvp", model, case, closure)
+    run(ids)
+    with torch.profiler.profile() as profile:
+        run(ids)
+    return profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=16)
+
+
 def run_case(name: str, methods: list[str], rounds: int, closure: str) -> dict:
     case = CASES[name]
     torch.manual_seed(0)
@@ -108,6 +125,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--closure", choices=list(CLOSURES), default="plain")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's split of one jvp per case")
+    parser.add_argument("--layers", type=int, help="with --profile: the case with this many layers")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--markdown", metavar="PATH")
     args = parser.parse_args(argv)
@@ -116,6 +135,10 @@ def main(argv=None) -> list[dict]:
     unknown = [m for m in methods + args.cases.split(",") if m not in METHODS and m not in CASES]
     if unknown:
         raise SystemExit(f"unknown {', '.join(unknown)}; methods: {', '.join(METHODS)}; cases: {', '.join(CASES)}")
+    if args.profile:
+        for case in args.cases.split(","):
+            print(f"{case}: one forward-mode pass\n{profile_case(case, args.closure, args.layers)}")
+        return []
     results = [run_case(case, methods, args.rounds, args.closure) for case in args.cases.split(",") if case]
     table = markdown(results)
     print(table)

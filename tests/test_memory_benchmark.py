@@ -64,3 +64,15 @@ def test_merge_keeps_the_later_file_s_result_and_checks_the_targets(tmp_path):
     assert targets["ForwardSGD peak ≤ 0.25 × checkpointing"]["measured"] == 0.25
     assert targets["ForwardSGD peak ≤ 0.25 × checkpointing"]["met"]
     assert targets["ForwardSGD step time ≤ 1.5 × SPSA's (separate processes)"]["measured"] == 1.25
+
+
+def test_lm_step_times_every_method_in_each_round(tmp_path):
+    out = tmp_path / "lm_step.json"
+    command = [sys.executable, "benchmarks/lm_step.py", "--cases", "quick", "--rounds", "2", "--threads", "1",
+               "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert list(result["times"]) == ["backprop", "forward-sgd", "spsa", "forward", "draw", "jvp"]
+    assert all(len(t) == 2 and min(t) > 0 for t in result["times"].values())
+    assert "| quick | forward-sgd |" in done.stdout
