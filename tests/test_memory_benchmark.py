@@ -12,17 +12,20 @@ pytestmark = pytest.mark.slow  # each test trains or starts processes
 
 
 def test_quick_run_measures_memory_time_and_loss(tmp_path):
+    """The plain closure (the default) through ForwardSGD, and the HF trainer's own loss."""
     out = tmp_path / "memory.json"
-    command = [sys.executable, "benchmarks/memory.py", "--quick", "--methods", "forward-sgd", "--steps", "1",
-               "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "memory.md")]
+    command = [sys.executable, "benchmarks/memory.py", "--quick", "--methods", "forward-sgd,trainer-forward-sgd",
+               "--steps", "1", "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "memory.md")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    (result,) = report["results"]
-    assert (result["case"], result["method"], result["steps"]) == ("quick", "forward-sgd", 1)
-    assert result["resting_bytes"] > result["parameter_bytes"] > 0
-    assert result["peak_above_resting_bytes"] >= 0 and result["median_step_seconds"] > 0
-    assert len(result["losses"]) == 2 and result["held_out_loss"] > 0
+    result, trainer = report["results"]
+    assert (result["case"], result["method"], result["steps"], result["closure"]) == ("quick", "forward-sgd", 1, "plain")
+    assert (trainer["method"], trainer["closure"]) == ("trainer-forward-sgd", "trainer's compute_loss")
+    for r in (result, trainer):
+        assert r["resting_bytes"] > r["parameter_bytes"] > 0
+        assert r["peak_above_resting_bytes"] >= 0 and r["median_step_seconds"] > 0
+        assert len(r["losses"]) == 2 and r["held_out_loss"] > 0
     assert report["machine"]["torch_threads"] == 1 and report["commands"][0][1] == "benchmarks/memory.py"
     assert "| quick | forward-sgd |" in (tmp_path / "memory.md").read_text()
 
@@ -62,7 +65,18 @@ def test_merge_keeps_the_later_file_s_result_and_checks_the_targets(tmp_path):
     assert [r["method"] for r in report["results"]] == ["backprop-checkpointing", "forward-sgd", "spsa"]
     assert report["commands"] == [["first"], ["second"]]
     targets = {t["target"]: t for t in report["targets"] if t["case"] == "gpt2-tanh"}
-    assert targets["no-.grad FG peak ≤ 0.3 × checkpointing"]["measured"] == 0.25
-    assert targets["no-.grad FG peak ≤ 0.3 × checkpointing"]["met"]
-    assert targets["no-.grad FG peak ≤ 3 × SPSA"]["measured"] == 2.0
-    assert targets["no-.grad FG step time ≤ 1.5 × SPSA's"]["measured"] == 1.25
+    assert targets["ForwardSGD peak ≤ 0.25 × checkpointing"]["measured"] == 0.25
+    assert targets["ForwardSGD peak ≤ 0.25 × checkpointing"]["met"]
+    assert "ForwardGradient(SGD) peak ≤ 0.8 × checkpointing" not in targets  # no fg-gaussian result
+
+
+def test_lm_step_times_every_method_in_each_round(tmp_path):
+    out = tmp_path / "lm_step.json"
+    command = [sys.executable, "benchmarks/lm_step.py", "--cases", "quick", "--rounds", "2", "--threads", "1",
+               "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert list(result["times"]) == ["backprop", "forward-sgd", "spsa", "forward", "draw", "jvp"]
+    assert all(len(t) == 2 and min(t) > 0 for t in result["times"].values())
+    assert "| quick | forward-sgd |" in done.stdout

@@ -11,6 +11,8 @@ derivative of exactly 0). ``closure_context()`` runs the closure so that every o
   kernel (``torch.nn.attention.sdpa_kernel``); the fused ones have no forward-mode rule;
 - recurrent modules (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run without oneDNN (mkldnn), whose
   RNN kernel has none;
+- a HuggingFace model builds no KV cache unless the call asks for one (``use_cache=True``):
+  see :func:`kv_cache_off`;
 - the modules being run are tracked (global forward hooks, only while the closure runs), so
   an op without a rule is reported with the module that ran it, e.g.
   ``encoder.layers.0.self_attn (MultiheadAttention)``, relative to the outermost module.
@@ -125,15 +127,70 @@ def load_decompositions_quietly() -> None:
             pass
 
 
+class _CacheOff:
+    """Global forward hooks that give every model with a ``config.use_cache`` of True the
+    default False while it runs, restored when it returns (or raises)."""
+
+    def __init__(self):
+        self.switched: list[tuple[nn.Module, object]] = []  # (module that switched it, its config)
+
+    def _enter(self, module, args):
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is True:
+            config.use_cache = False
+            self.switched.append((module, config))
+
+    def _leave(self, module, args, output):
+        if self.switched and self.switched[-1][0] is module:
+            self.switched.pop()[1].use_cache = True
+
+    @contextlib.contextmanager
+    def hooks(self):
+        pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
+        post = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+            while self.switched:
+                self.switched.pop()[1].use_cache = True
+
+
+def kv_cache_off():
+    """While the block runs, HuggingFace models build no KV cache unless a call asks for one.
+
+    A causal LM's ``config.use_cache`` is True, so a training-mode call such as
+    ``model(input_ids=ids, labels=ids)`` keeps every layer's keys and values to the end of the
+    pass, and in forward mode their tangents beside them (72 MiB on a 12-layer GPT-2 at
+    2 × 256 tokens). A loss needs none of it. Inside this block a model whose config says
+    ``use_cache=True`` runs with the config's default set to False, put back when the model
+    returns; HF reads an explicit argument first, so ``model(..., use_cache=True)`` still
+    builds the cache. The outputs are otherwise the same.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=8))
+    >>> ids = torch.zeros(1, 4, dtype=torch.long)
+    >>> with kv_cache_off():
+    ...     model(input_ids=ids).past_key_values is None, model(input_ids=ids, use_cache=True).past_key_values is None
+    (True, False)
+    >>> model.config.use_cache
+    True
+    """
+    return _CacheOff().hooks()
+
+
 @contextlib.contextmanager
 def closure_context():
-    """Run a forward-mode closure: eager, math attention, RNNs without oneDNN, modules tracked.
+    """Run a forward-mode closure: eager, math attention, RNNs without oneDNN, no KV cache
+    by default, modules tracked.
 
     An exception leaving the block carries the path of the module that raised it in its
     ``fwdgrad_module_path`` attribute (see :func:`module_path`).
     """
     load_decompositions_quietly()
-    with torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), _ModuleStack().tracking():
+    with (torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), kv_cache_off(),
+          _ModuleStack().tracking()):
         yield
 
 

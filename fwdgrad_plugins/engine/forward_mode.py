@@ -6,6 +6,8 @@ the model, its parameters and the optimizer are never modified. ``F.linear``, ``
 ``F.embedding`` and the convolutions get rules of their own: they skip the products with
 absent tangents that torch's rules compute on zeros, sum the tangent in one buffer, and
 apply rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in O(batch·(in + out)).
+``F.cross_entropy`` over a large class dimension (a language model's vocabulary) runs a
+block of rows at a time (:mod:`~fwdgrad_plugins.engine.cross_entropy`).
 
 One direction runs with ``torch.autograd.forward_ad`` dual tensors; K directions run as one
 ``torch.func.vmap`` over ``torch.func.jvp`` (the primal is computed once), falling back to K
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from fwdgrad_plugins.engine import attention
+from fwdgrad_plugins.engine import attention, cross_entropy
 from fwdgrad_plugins.engine.closure_context import (
     load_decompositions_quietly,
     module_path,
@@ -137,6 +139,10 @@ class _PerturbParameters(TorchFunctionMode):
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         if func is F.scaled_dot_product_attention:  # closure_context() selects the math kernel
             return attention.scaled_dot_product_attention(*args, single_direction=self.dual_tensors, **kwargs)
+        if func is F.cross_entropy:
+            blocked = cross_entropy.blocked_arguments(args, kwargs)
+            if blocked is not None and _has_tangent(blocked["input"]):
+                return cross_entropy.blocked_cross_entropy(**blocked)
         if self.dual_tensors and not kwargs and len(args) == 2 and (func in _PRODUCTS or func in _QUOTIENTS):
             product = _product(func, *args)
             if product is not None:

@@ -2,9 +2,10 @@
 
 A HuggingFace causal LM computes the logits of every token at once, (batch × tokens ×
 vocabulary) values, and its loss then makes the log-softmax, as large. In forward mode each
-also has a tangent, so the language-model head holds four to six such tensors at its peak:
-at a vocabulary of 8192 and 512 tokens that is over 100 MB, more than the rest of a step of
-a 90 M-parameter model. ``blocked_causal_lm_loss`` runs the model's body to its last hidden
+also has a tangent. In a forward-gradient closure the engine computes any such
+cross-entropy a block of rows at a time (:mod:`fwdgrad_plugins.engine.cross_entropy`), but the
+model's head still makes the whole logits and their tangent: 2 × 128 MB for 1024 tokens over a
+vocabulary of 32 000. ``blocked_causal_lm_loss`` runs the model's body to its last hidden
 states, then the head and the cross-entropy on ``block_tokens`` tokens at a time, summing
 the loss (and, in forward mode, its tangent) block by block: only one block's logits exist
 at a time. The value is the model's own mean next-token cross-entropy (labels shifted by

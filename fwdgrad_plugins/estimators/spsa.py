@@ -20,7 +20,9 @@ state (one dropout mask for both), and BatchNorm's running statistics are update
 first pass only.
 
 The reported loss is the mean of the 2K passes' losses, (f(θ + εz) + f(θ − εz)) / 2 averaged
-over directions: f(θ) + O(ε²), with no third pass for f(θ) itself.
+over directions: f(θ) + O(ε²), with no third pass for f(θ) itself. As in forward mode, a
+HuggingFace model builds no KV cache in the closure unless the call asks for one
+(:func:`~fwdgrad_plugins.engine.closure_context.kv_cache_off`).
 
 >>> import torch
 >>> from fwdgrad_plugins import ForwardGradientEstimator
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad_plugins.engine.closure_context import kv_cache_off
 from fwdgrad_plugins.engine.forward_mode import (
     _BACKWARD_FUNCTIONS,
     DirectionalDerivatives,
@@ -175,7 +178,7 @@ class SimultaneousPerturbation:
                         torch.cuda.set_rng_state(state, device)
                     mode = _ShiftParameters(directions, sign * self.epsilon,
                                             freeze_running_stats=bool(modes))
-                    with mode:
+                    with mode, kv_cache_off():
                         losses.append(_check_loss(closure()).detach().double())
                     modes.append(mode)
                 directions.release()

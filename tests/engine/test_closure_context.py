@@ -168,3 +168,42 @@ def test_a_warning_of_the_models_own_shows_once_over_many_steps(num_directions):
         for _ in range(4):
             opt.step(lambda: model(torch.ones(3, 2)).sum())
     assert sum("a model's own warning" in str(w.message) for w in seen) == 1
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=8, n_layer=2, n_head=2, n_positions=8)).train()
+
+
+@pytest.mark.parametrize("entry", ["ForwardSGD", "ForwardSGD-spsa", "ForwardGradient", "ForwardGradient-K3"])
+def test_a_model_builds_no_kv_cache_in_a_closure_unless_the_call_asks(entry):
+    """A KV cache holds every layer's keys and values (and in forward mode their tangents)
+    to the end of the pass; a loss needs none. use_cache=True in the call keeps it."""
+    from fwdgrad_plugins import ForwardSGD
+
+    model = tiny_gpt2()
+    caches = []
+    model.transformer.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    params = list(model.parameters())
+    opt = {"ForwardSGD": lambda: ForwardSGD(params, lr=1e-3),
+           "ForwardSGD-spsa": lambda: ForwardSGD(params, lr=1e-3, estimator="spsa"),
+           "ForwardGradient": lambda: ForwardGradient(torch.optim.SGD(params, lr=1e-3)),
+           "ForwardGradient-K3": lambda: ForwardGradient(torch.optim.SGD(params, lr=1e-3), num_directions=3)}[entry]()
+    ids = torch.randint(0, 30, (2, 8))
+    opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    assert caches and all(cache is None for cache in caches)
+    caches.clear()
+    opt.step(lambda: model(input_ids=ids, labels=ids, use_cache=True).loss)
+    assert caches and all(cache is not None for cache in caches)
+    assert model.config.use_cache  # the model's own default, back after the step
+
+
+def test_the_models_cache_default_is_restored_after_an_error():
+    model = tiny_gpt2()
+    model.transformer.h[1].register_forward_hook(lambda *args: 1 / 0)
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=1e-3))
+    ids = torch.randint(0, 30, (2, 8))
+    with pytest.raises(ZeroDivisionError):
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    assert model.config.use_cache

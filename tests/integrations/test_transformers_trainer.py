@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, GPT2Config, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments, get
 from fwdgrad_plugins.integrations.transformers_trainer import ESTIMATOR_STATE_NAME
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
 
 from processes import free_port
-from tiny_transformers import MODELS, arguments, classification_data, language_data, snapshot, tiny_bert, tiny_gpt2
+from tiny_transformers import LENGTH, MODELS, arguments, classification_data, language_data, snapshot, tiny_bert, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +43,25 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
     logged = trainer.state.log_history[0]
     assert logged["fwdgrad_mean_abs_dd"] > 0 and logged["fwdgrad_skipped"] == 0
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+@pytest.mark.parametrize("inner", ["forward_sgd", "sgd"])
+def test_a_causal_lm_s_loss_runs_blocked_and_without_a_kv_cache(inner, tmp_path, monkeypatch):
+    """Trainer's own compute_loss (the model's loss_function over a large vocabulary) takes the
+    blocked cross-entropy rule, and the model builds no KV cache, without the user asking."""
+    from fwdgrad_plugins.engine import cross_entropy
+
+    calls, caches = [], []
+    rule = cross_entropy.blocked_cross_entropy
+    monkeypatch.setattr(cross_entropy, "blocked_cross_entropy", lambda *a, **k: calls.append(1) or rule(*a, **k))
+    vocab = cross_entropy.MIN_CLASSES
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=vocab, n_embd=8, n_layer=1, n_head=2,
+                                                        n_positions=LENGTH), attn_implementation="sdpa")
+    model.transformer.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(vocab, (8, LENGTH))]
+    FwdGradTrainer(model=model, args=arguments(tmp_path, fwdgrad_inner_optim=inner, max_grad_norm=0.0),
+                   train_dataset=data).train()
+    assert calls and caches and all(cache is None for cache in caches)
 
 
 @pytest.mark.slow
