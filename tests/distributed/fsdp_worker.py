@@ -6,9 +6,14 @@ parameters, the largest difference, the collectives the sharded steps called, an
 the test checks.
 
     python tests/distributed/fsdp_worker.py RANK WORLD_SIZE PORT CASE [CASE ...]
+
+A case ``resume:<case>`` instead trains the case 2 + 2 steps through a checkpoint
+(``torch.distributed.checkpoint`` into the folder FWDGRAD_CHECKPOINT_DIR) and 4 steps
+without, and reports whether the two end bit-identical.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -44,7 +49,9 @@ def build(kind):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2,
-                                           bos_token_id=0, eos_token_id=0))  # lm_head tied to wte
+                                           bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0))  # lm_head tied to wte; no dropout: the
+        # checkpoint holds no RNG state
         if kind == "gpt2-lora":
             from peft import LoraConfig, get_peft_model
 
@@ -125,10 +132,47 @@ def train(case, rank, sharded):
                            "sent": dict(traffic.sent)}
 
 
+def resumed_run(case, rank, checkpoint, stop_after=None):
+    """The case trained sharded for 2 × STEPS steps; with ``stop_after``, saved after that many
+    steps and returned; with ``checkpoint`` alone, loaded from it and trained to the end."""
+    import torch.distributed.checkpoint as dcp
+
+    from fwdgrad_plugins.distributed.checkpoint import TrainingState
+
+    kind, name, options = CASES[case]
+    model = shard(build(kind))
+    opt = optimizer(name, model, options)
+    data = list(batches(kind, rank)) * 2
+    start = 0
+    if checkpoint is not None and stop_after is None:
+        dcp.load({"train": TrainingState(model, opt)}, checkpoint_id=checkpoint)
+        start = STEPS
+    for step in range(start, len(data)):
+        opt.zero_grad()
+        opt.step(closure_for(kind, model, *data[step]))
+        if stop_after == step + 1:
+            dcp.save({"train": TrainingState(model, opt)}, checkpoint_id=checkpoint)
+            break
+    return model
+
+
+def resume(case, rank):
+    checkpoint = os.path.join(os.environ["FWDGRAD_CHECKPOINT_DIR"], case)
+    uninterrupted = resumed_run(case, rank, None)
+    resumed_run(case, rank, checkpoint, stop_after=STEPS)
+    resumed = resumed_run(case, rank, checkpoint)
+    equal = all(torch.equal(a.full_tensor(), b.full_tensor())
+                for a, b in zip(uninterrupted.parameters(), resumed.parameters()))
+    print(json.dumps({"case": f"resume:{case}", "rank": rank, "equal": equal}), flush=True)
+
+
 def main(rank, world, port, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     for case in cases:
+        if case.startswith("resume:"):
+            resume(case.removeprefix("resume:"), rank)
+            continue
         kind, name, options = CASES[case]
         replicated, replicated_losses, _ = train(case, rank, sharded=False)
         sharded, losses, checks = train(case, rank, sharded=True)

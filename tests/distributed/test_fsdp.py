@@ -32,9 +32,9 @@ EXACT = {"mlp-sgd", "mlp-forward-sgd", "mlp-spsa", "gpt2-sgd", "gpt2-forward-sgd
          "mlp-forward-sgd-rank1-k2"}
 
 
-def run_ranks(world: int, *cases: str, timeout: int = 240) -> list[dict]:
+def run_ranks(world: int, *cases: str, timeout: int = 240, **env) -> list[dict]:
     port = str(free_port())
-    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONWARNINGS": "ignore", **env}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), port, *cases],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in range(world)]
@@ -73,6 +73,16 @@ def test_sharded_matches_replicated(two_ranks, case):
         assert calls.get("all_reduce", 0) == r["steps"]
         assert r["sent"].get("all_reduce", 0) == r["steps"] * 4 * r["num_directions"]
         assert calls["all_gather_single"] >= r["steps"] * passes
+
+
+RESUMED = ["mlp-adam-k3", "mlp-forward-sgd", "gpt2-lora-adam"]
+
+
+def test_a_resumed_sharded_run_ends_bit_identical(tmp_path):
+    """Model, optimizer and estimator state through torch.distributed.checkpoint (TrainingState)."""
+    results = run_ranks(2, *(f"resume:{case}" for case in RESUMED), FWDGRAD_CHECKPOINT_DIR=str(tmp_path))
+    assert len(results) == 2 * len(RESUMED)
+    assert all(r["equal"] for r in results), results
 
 
 @pytest.fixture
