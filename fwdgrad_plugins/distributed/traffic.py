@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 
 import torch.distributed as dist
 from torch import Tensor
@@ -38,11 +39,13 @@ def _nbytes(value) -> int:
 
 
 class CollectiveTraffic:
-    """Within the block, ``calls[name]`` and ``sent[name]`` (bytes) for each collective."""
+    """Within the block, ``calls[name]`` and ``sent[name]`` (bytes) for each collective, and
+    ``seconds`` spent inside them (a blocking call's wait; an ``async_op`` call's launch)."""
 
     def __init__(self):
         self.calls: collections.Counter = collections.Counter()
         self.sent: collections.Counter = collections.Counter()
+        self.seconds = 0.0
         self._saved: dict = {}
 
     @property
@@ -60,7 +63,11 @@ class CollectiveTraffic:
             def counted(*args, _name=name, _position=position, _original=original, **kwargs):
                 self.calls[_name] += 1
                 self.sent[_name] += _nbytes(args[_position] if len(args) > _position else None)
-                return _original(*args, **kwargs)
+                started = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - started
 
             setattr(dist, name, counted)
         return self
