@@ -52,8 +52,21 @@ def two_ranks():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_matches_replicated(two_ranks, case):
-    ranks = two_ranks[case]
-    assert len(ranks) == 2
+    assert len(two_ranks[case]) == 2
+    check_parity(case, two_ranks[case])
+
+
+def test_four_ranks_match_replicated_with_an_empty_shard():
+    """Four ranks: the MLP's 3-row layer leaves rank 3 no rows at all."""
+    cases = ["mlp-sgd", "mlp-forward-sgd-rank1-k2"]
+    results = run_ranks(4, *cases)
+    for case in cases:
+        ranks = [r for r in results if r["case"] == case]
+        assert len(ranks) == 4
+        check_parity(case, ranks)
+
+
+def check_parity(case, ranks):
     for r in ranks:
         if case in EXACT:
             assert r["equal"], f"{case} rank {r['rank']}: shards differ by {r['max_diff']}"
@@ -66,7 +79,7 @@ def test_sharded_matches_replicated(two_ranks, case):
         assert any(trained) and (case == "gpt2-lora-adam") != all(trained)  # LoRA: the base stays frozen
         assert r["resharded"], "a module stayed gathered after the step"
         assert r["grads_are_shards"]
-        # no gradient traffic: the all-gathers of the parameters and K floats per closure pass
+        # no gradient traffic: FSDP2's all-gathers in each closure pass, and K floats per step
         calls = r["calls"]
         assert not any("reduce_scatter" in name for name in calls), calls
         passes = r["num_directions"] * (2 if "spsa" in case else 1)  # closure passes per step
