@@ -35,6 +35,8 @@ import time
 
 import torch
 
+from step import _rss_bytes  # (step.py's resident-memory reading, beside this file)
+
 METHODS = {  # name: (sharded, optimizer)
     "fsdp-backprop-sgd": (True, "backprop-sgd"),
     "fsdp-backprop-adamw": (True, "backprop-adamw"),
@@ -47,14 +49,6 @@ TARGETS = [  # (method, reference, bound at 2 ranks, bound at 4 ranks, what)
     ("fsdp-forward-sgd", "fsdp-backprop-adamw", "peak", 0.5, 0.5, "FSDP2 + ForwardSGD peak vs FSDP2 backprop + AdamW"),
     ("fsdp-forward-sgd", "fsdp-backprop-sgd", "bytes", 0.4, 0.4, "FSDP2 + ForwardSGD bytes/step vs FSDP2 backprop"),
 ]
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build(args):

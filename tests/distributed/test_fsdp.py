@@ -24,9 +24,9 @@ from fwdgrad_plugins import ForwardGradient, ForwardGradientEstimator, ForwardSG
 from fwdgrad_plugins.errors import UnsupportedShardingError
 from processes import free_port
 
+from fsdp_worker import CASES
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-from fsdp_worker import CASES  # noqa: E402
 
 EXACT = {"mlp-sgd", "mlp-forward-sgd", "mlp-spsa", "gpt2-sgd", "gpt2-forward-sgd", "gpt2-lora-adam", "llama-sgd",
          "mlp-forward-sgd-rank1-k2"}
