@@ -30,18 +30,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
 
 from fwdgrad_plugins.errors import UnsupportedShardingError
 from fwdgrad_plugins.tangents.streaming import CounterStream, TangentStream, tangent_stream
 from fwdgrad_plugins.tangents.tangent import RankOne
 
 _FSDP2 = "FSDP2 (torch.distributed.fsdp.fully_shard; in Accelerate, fsdp_version: 2)"
+
+
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor, without importing ``torch.distributed.tensor`` (a second
+    or more) for a process that never made one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 @dataclasses.dataclass
@@ -65,16 +72,16 @@ def _torch_bookkeeping(params: Sequence[Tensor]) -> tuple[list[str], dict[int, _
     yet, the module is gathered and resharded once here (``FSDPModule.unshard/reshard``), so
     that the tensor exists and keeps its identity. Any change to these internals is refused
     with the torch version that changed them."""
+    wrappers = ["FSDP1 (FullyShardedDataParallel)"] if any(
+        getattr(p, "_fsdp_flattened", False) for p in params) else []
+    wanted = {id(p) for p in params if _is_dtensor(p)}
+    records: dict[int, _Record] = {}
+    if not wanted:
+        return wrappers, records
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp import FSDPModule
 
-        wrappers = ["FSDP1 (FullyShardedDataParallel)"] if any(
-            getattr(p, "_fsdp_flattened", False) for p in params) else []
-        wanted = {id(p) for p in params if isinstance(p, DTensor)}
-        records: dict[int, _Record] = {}
-        if not wanted:
-            return wrappers, records
         for module in list(_module_state_mapping.keys()):
             if not isinstance(module, FSDPModule):
                 continue
@@ -171,9 +178,9 @@ class Sharding:
     def as_grad(self, index: int, local: Optional[Tensor]) -> Optional[Tensor]:
         """A local estimate as the parameter's ``.grad``: a DTensor shard for a sharded one."""
         param = self.params[index]
-        if local is None or not isinstance(param, DTensor):
+        if local is None or not _is_dtensor(param):
             return local
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+        return type(param).from_local(local, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 
     @contextlib.contextmanager
@@ -226,14 +233,14 @@ def sharding(params: Sequence[Tensor]) -> Optional[Sharding]:
         )
     if not records:
         for p in params:
-            if isinstance(p, DTensor):
+            if _is_dtensor(p):
                 _refuse_dtensor(p)
         return None
     gathered, local, rows, modules, meshes = [], [], [], {}, set()
     for p in params:
         record = records.get(id(p))
         if record is None:
-            if isinstance(p, DTensor):
+            if _is_dtensor(p):
                 _refuse_dtensor(p)
             gathered.append(p), local.append(p), rows.append(None)
             continue
@@ -272,7 +279,7 @@ def refuse_other_wrappers(params: Sequence[Tensor]) -> None:
             )
 
 
-def _refuse_dtensor(p: DTensor) -> None:
+def _refuse_dtensor(p) -> None:
     raise UnsupportedShardingError(
         f"a parameter of shape {tuple(p.shape)} is a DTensor with placements {tuple(p.placements)} "
         f"on a mesh of shape {tuple(p.device_mesh.shape)} that FSDP2 does not manage (tensor "
@@ -281,7 +288,9 @@ def _refuse_dtensor(p: DTensor) -> None:
     )
 
 
-def _check_fsdp2(p: DTensor, record: _Record) -> None:
+def _check_fsdp2(p, record: _Record) -> None:
+    from torch.distributed.tensor import Shard
+
     if record.nested_dtensor or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
         raise UnsupportedShardingError(
             f"a parameter of shape {tuple(p.shape)} is sharded by FSDP2 with placements "
@@ -303,7 +312,7 @@ def refuse_sharded(params: Sequence[Tensor], where: str) -> None:
     closure with the tensors it is given: FSDP2 computes with gathered tensors, not with the
     shards, so their directional derivative would be a silent zero."""
     for p in params:
-        if isinstance(p, DTensor) or hasattr(p, "ds_id"):
+        if _is_dtensor(p) or hasattr(p, "ds_id"):
             raise UnsupportedShardingError(
                 f"{where} was given a sharded parameter (shape {tuple(p.shape)}, "
                 f"{type(p).__name__}), which the model does not compute with (FSDP gathers it into "
