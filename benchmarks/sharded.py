@@ -12,7 +12,9 @@ Each (ranks, method) runs in N fresh processes, on a GPT-2 built from a config (
 - bytes per step through collectives, counted by
   :class:`fwdgrad_plugins.distributed.traffic.CollectiveTraffic` (the whole tensor each
   all-gather, reduce-scatter and all-reduce moves), and the seconds spent inside those calls;
-- the median step time (ranks start each step together; a step's time is its slowest rank's).
+- the median step time (ranks start each step together; a step's time is its slowest rank's),
+  and of its forward pass (backprop: the loss; ``ForwardSGD``: the forward-mode pass and the
+  K-float all-reduce, before the update).
 
 The table gives the largest per-rank peak over the ranks and rank 0's bytes.
 
@@ -101,19 +103,30 @@ def child(method: str, rank: int, world: int, port: str, args) -> dict:
     batches = [torch.randint(0, args.vocab, (args.batch, args.length), generator=generator)
                for _ in range(args.steps + 1)]
 
+    forward_times = []
+
     def step(ids):
+        """One step; appends the seconds of its forward pass (ForwardSGD: the forward-mode
+        pass and the all-reduce, before the update) to forward_times."""
         closure = lambda: model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
+        started = time.perf_counter()
         if kind.startswith("backprop"):
             loss = closure()
+            forward_times.append(time.perf_counter() - started)
             loss.backward()
             opt.step()
             return loss.item()
-        if not sharded:
-            return opt.step(closure, reduce=mean).item()
+        if kind == "forward-sgd":
+            loss = opt.accumulate(closure, reduce=None if sharded else mean).loss
+            forward_times.append(time.perf_counter() - started)
+            opt.step()
+            return loss.item()
+        forward_times.append(float("nan"))  # ForwardGradient: one call
         return opt.step(closure).item()
 
     step(batches[0])  # one-time costs (FSDP2's lazy init, optimizer state) count in the peak, not the time
+    forward_times.clear()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # VmHWM from here: the steady state, the model's memory included
     times, losses, traffic = [], [], CollectiveTraffic()
@@ -127,7 +140,8 @@ def child(method: str, rank: int, world: int, port: str, args) -> dict:
     dist.destroy_process_group()
     return {"method": method, "rank": rank, "ranks": world, "parameters": parameters, "peak_bytes": peak,
             "bytes_per_step": traffic.bytes / args.steps, "calls_per_step": {k: v / args.steps for k, v in traffic.calls.items()},
-            "collective_seconds_per_step": traffic.seconds / args.steps, "step_seconds": times, "losses": losses}
+            "collective_seconds_per_step": traffic.seconds / args.steps, "step_seconds": times,
+            "forward_seconds": forward_times, "losses": losses}
 
 
 def _free_port() -> int:
@@ -155,6 +169,8 @@ def measure(method: str, world: int, args) -> dict:
             "bytes_per_step": ranks[0]["bytes_per_step"], "calls_per_step": ranks[0]["calls_per_step"],
             "collective_seconds_per_step": max(r["collective_seconds_per_step"] for r in ranks),
             "median_step_seconds": statistics.median(slowest), "step_seconds": slowest,
+            "median_forward_seconds": statistics.median(max(r["forward_seconds"][i] for r in ranks)
+                                                        for i in range(len(slowest))),
             "losses": [r["losses"] for r in ranks]}
 
 
@@ -179,11 +195,12 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], checks: list[dict]) -> str:
     lines = ["| ranks | method | peak per rank above resting (MB) | collective MB per step | in collectives (s/step) "
-             "| step (s, median) | step vs FSDP2 backprop SGD |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| forward pass (s) | step (s, median) | step vs FSDP2 backprop SGD |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        forward = "" if r["median_forward_seconds"] != r["median_forward_seconds"] else f"{r['median_forward_seconds']:.2f}"
         lines.append(f"| {r['ranks']} | {r['method']} | {r['peak_bytes'] / 2**20:.0f} | {r['bytes_per_step'] / 2**20:.1f} "
-                     f"| {r['collective_seconds_per_step']:.2f} | {r['median_step_seconds']:.2f} "
+                     f"| {r['collective_seconds_per_step']:.2f} | {forward} | {r['median_step_seconds']:.2f} "
                      f"| {r['time_vs_fsdp_backprop_sgd']:.2f} |")
     lines += ["", "| target | ranks | ratio | bound | met |", "| --- | ---: | ---: | ---: | --- |"]
     for c in checks:

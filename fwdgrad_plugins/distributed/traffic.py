@@ -7,10 +7,14 @@ gathered output, a reduce-scatter's input, an all-reduce's tensor. A ring sends 
 (N − 1)/N of that per rank for an all-gather or a reduce-scatter and twice that for an
 all-reduce; the counts compare runs, whatever the algorithm.
 
+>>> import torch
+>>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 >>> with CollectiveTraffic() as traffic:
-...     pass
+...     _ = dist.all_reduce(torch.zeros(4))                               # 16 bytes
+...     _ = dist.reduce_scatter_single(output=torch.zeros(2), input=torch.zeros(2))  # 8 bytes
 >>> traffic.bytes, dict(traffic.calls)
-(0, {})
+(24, {'all_reduce': 1, 'reduce_scatter_single': 1})
+>>> dist.destroy_process_group()
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import time
 import torch.distributed as dist
 from torch import Tensor
 
-# name -> which argument holds the tensor whose size is counted
+# name -> (position, keyword) of the argument whose size is counted
 _COUNTED = {
-    "all_gather_single": 0, "all_gather_into_tensor": 0, "all_gather": 0,
-    "reduce_scatter_single": 1, "reduce_scatter_tensor": 1, "reduce_scatter": 1,
-    "all_reduce": 0, "broadcast": 0, "all_to_all_single": 1,
+    "all_gather_single": (0, "output"), "all_gather_into_tensor": (0, "output_tensor"),
+    "all_gather": (0, "tensor_list"), "reduce_scatter_single": (1, "input"),
+    "reduce_scatter_tensor": (1, "input"), "reduce_scatter": (1, "input_list"),
+    "all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "all_to_all_single": (1, "input"),
 }
 
 
@@ -60,9 +65,10 @@ class CollectiveTraffic:
             self._saved[name] = original
 
             @functools.wraps(original)
-            def counted(*args, _name=name, _position=position, _original=original, **kwargs):
+            def counted(*args, _name=name, _where=position, _original=original, **kwargs):
                 self.calls[_name] += 1
-                self.sent[_name] += _nbytes(args[_position] if len(args) > _position else None)
+                position, keyword = _where
+                self.sent[_name] += _nbytes(args[position] if len(args) > position else kwargs.get(keyword))
                 started = time.perf_counter()
                 try:
                     return _original(*args, **kwargs)
