@@ -10,8 +10,8 @@
 #
 # The model is built from a GPT2Config (nothing is downloaded; pass --model-dir to start from
 # a saved HuggingFace checkpoint instead); every block is fully_shard-ed, then the root. The
-# task: each sequence counts through the vocabulary with its own start and stride, which the
-# model learns within a few hundred steps. --optimizer sgd (default) is ForwardSGD, which
+# task: each sequence counts through the vocabulary with its own start and stride (learnable:
+# the next token follows from the two before it). --optimizer sgd (default) is ForwardSGD, which
 # updates each shard in place with no .grad; adamw is ForwardGradient(AdamW), whose .grad and
 # state are shards too. Each process reads its own batches; --checkpoint saves the model,
 # optimizer and estimator through torch.distributed.checkpoint, and --resume continues from it
