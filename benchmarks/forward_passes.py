@@ -1,4 +1,4 @@
-"""Loss against forward passes: forward gradient (``ForwardSGD``) next to SPSA / MeZO.
+"""Loss against forward passes: forward gradient (ForwardSGD) next to SPSA / MeZO.
 
 A tiny causal LM (GPT-2 from a config) learns the counting stream of ``benchmarks/memory.py``
 from a fixed initialisation. Each method trains at each learning rate of a small sweep, three

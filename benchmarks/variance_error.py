@@ -5,7 +5,7 @@ backprop training (Adam lr 1e-3), each on the same batch of 64.
     FWDGRAD_DATA_DIR=../shared/data python benchmarks/variance_error.py --draws 20 \
         --trained-steps 400 --json docs/variance/error.json
 
-One Gaussian direction per estimate (rank-one for the ``-rank1`` variants), one thread.
+One Gaussian direction per estimate (rank-one for the -rank1 variants), one thread.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Time per training step of the FG-W variants (fwdgrad_plugins/directions.py) and backprop,
-side by side in one process: rounds of interleaved steps, the median per method.
+"""Time per training step of the FG-W variants (fwdgrad_plugins/estimators/blockwise.py,
+guided.py) and backprop, side by side in one process: rounds of interleaved steps, the median per method.
 
     python benchmarks/variance_step.py --rounds 5 --steps 10 --json docs/variance/step_times.json
 

@@ -42,6 +42,16 @@ from fwdgrad_plugins.tangents.counter_rng import derive_seed
 from fwdgrad_plugins.tangents.streaming import combination, is_streamed, tangent_stream
 
 
+NEEDS_GRAD = ("forms its estimate from more than directional derivatives and tangents, so ForwardSGD "
+              "cannot apply it without .grad")
+
+
+def applies_without_grad(estimator) -> bool:
+    """Whether ForwardSGD can apply ``estimator`` (an estimator object): it must give its
+    tangents and directional derivatives apart, so the update can redraw the tangents."""
+    return all(callable(getattr(estimator, method, None)) for method in ("tangents", "derivatives"))
+
+
 class ForwardSGD(torch.optim.Optimizer):
     """Forward-gradient SGD (Baydin et al. 2022), applied without ``.grad``.
 
@@ -93,10 +103,9 @@ class ForwardSGD(torch.optim.Optimizer):
         if estimator_options is None and estimator == "weight" and num_directions > 1:
             estimator_options = {"streamed": True}  # K streamed passes: the memory of K = 1
         self.estimator = plugins.get("estimators", estimator)(**(estimator_options or {}))
-        if not all(callable(getattr(self.estimator, m, None)) for m in ("tangents", "derivatives")):
+        if not applies_without_grad(self.estimator):
             raise ValueError(
-                f"estimator {estimator!r} forms its estimate from more than directional derivatives "
-                "and tangents, so ForwardSGD cannot apply it without .grad: use "
+                f"estimator {estimator!r} {NEEDS_GRAD}: use "
                 f"ForwardGradient(torch.optim.SGD(...), estimator={estimator!r}), or estimator='weight' or 'spsa'."
             )
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})

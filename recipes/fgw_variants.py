@@ -1,6 +1,7 @@
 # Lower-variance weight perturbation on MNIST: FG-W against its block-wise, size-scaled,
-# guided and orthogonal variants (fwdgrad_plugins/directions.py) and per-example weight
-# tangents (fwdgrad_plugins/activity.py), the paper MLP, no local
+# guided and orthogonal variants (fwdgrad_plugins/estimators/blockwise.py, guided.py,
+# tangents/orthogonal.py) and per-example weight tangents
+# (fwdgrad_plugins/estimators/per_example.py), the paper MLP, no local
 # losses and no backward pass, each variant at its best learning rate, over seeds.
 #
 # Training runs recipes/mnist.py (one subprocess per variant and seed, --lr-sweep inside):

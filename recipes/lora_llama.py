@@ -1,5 +1,5 @@
 # LoRA fine-tuning of a tiny Llama with forward gradients: FG-W and its lower-variance
-# variants (fwdgrad_plugins/directions.py) against backprop, at equal steps and equal time.
+# variants (fwdgrad_plugins/estimators/blockwise.py) against backprop, at equal steps and equal time.
 #
 #   python recipes/lora_llama.py --methods backprop,weight,weight-k4,blockwise --steps 300 \
 #       --seeds 0,1,2 --output-dir runs/lora --plot docs/variance/lora.png

@@ -11,7 +11,7 @@
 # timing), a time estimate per run, a table per method and their ratio, and writes
 # results.json and titled PNG plots to --output-dir. Without --data-dir and FWDGRAD_DATA_DIR,
 # torchvision downloads MNIST into ./data (online only; offline it stops with the fix).
-"""Forward gradient vs backprop on MNIST, through ``fwdgrad_plugins.integrations.accelerate_loop``."""
+"""Forward gradient vs backprop on MNIST, through fwdgrad_plugins.integrations.accelerate_loop."""
 
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data_dir = data.data_dir(args.data_dir)
     try:
         data.check_mnist(args.data_dir, download=args.download)
-    except FileNotFoundError as error:
-        parser.error(f"{error} Or omit both to let torchvision download it into ./data (online).")
+    except FileNotFoundError as error:  # one line, as every data error: the usage would not help here
+        parser.exit(2, f"error: {error} Or omit both to let torchvision download it into ./data (online).\n")
     return args
 
 
@@ -312,11 +312,11 @@ def plot(runs, best, folder: Path, title: str) -> None:
     def label(r):
         return f"{r['method']} (lr {r['lr']:g})"
 
-    def curves(filename, x_label, y_label, series):
+    def curves(filename, what, x_label, y_label, series, marker=None):
         fig, ax = plt.subplots(figsize=(6, 4))
         for run, xs, ys in series:
-            ax.plot(xs, ys, label=label(run), color=colour[run["method"]])
-        ax.set_title(title, fontsize=10)
+            ax.plot(xs, ys, label=label(run), color=colour[run["method"]], marker=marker)
+        ax.set_title(f"{what}\n{title}", fontsize=10)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
@@ -332,13 +332,14 @@ def plot(runs, best, folder: Path, title: str) -> None:
         weights it starts from, so the first is at step 0 and second 0 (losses logged every step)."""
         return [s - 1 for s, _, _ in r["losses"]], [0.0] + [t for _, _, t in r["losses"][:-1]]
 
-    curves("loss_vs_step.png", "updates", "train loss (moving average of 25)",
+    curves("loss_vs_step.png", "Train loss against updates", "updates", "train loss (moving average of 25)",
            [(r, before(r)[0], smooth([l for _, l, _ in r["losses"]])) for r in shown])
-    curves("loss_vs_time.png", "training seconds (kernel build and evaluation excluded)",
-           "train loss (moving average of 25)",
+    curves("loss_vs_time.png", "Train loss against training time",
+           "training seconds (kernel build and evaluation excluded)", "train loss (moving average of 25)",
            [(r, before(r)[1], smooth([l for _, l, _ in r["losses"]])) for r in shown])
-    curves("accuracy_vs_step.png", "updates", "test accuracy (%)",
-           [(r, [s for s, _, _ in r["evaluations"]], [100 * a for _, a, _ in r["evaluations"]]) for r in shown])
+    curves("accuracy_vs_step.png", "Test accuracy against updates", "updates", "test accuracy (%)",
+           [(r, [s for s, _, _ in r["evaluations"]], [100 * a for _, a, _ in r["evaluations"]]) for r in shown],
+           marker="o")
     if len({r["lr"] for r in runs}) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in [m for m in colour if any(r["method"] == m for r in runs)]:
@@ -351,7 +352,7 @@ def plot(runs, best, folder: Path, title: str) -> None:
                 ax.plot(bad, [0.0] * len(bad), "x", color=colour[method], markersize=10,
                         label=f"{method}: diverged")
         ax.set_xscale("log")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(f"Final test accuracy against learning rate\n{title}", fontsize=10)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -359,6 +360,24 @@ def plot(runs, best, folder: Path, title: str) -> None:
         fig.tight_layout()
         fig.savefig(folder / "lr_sweep.png", dpi=90)
         plt.close(fig)
+
+
+def plan(args, train_images: int) -> str:
+    """The steps each run takes and the share of the data they cover.
+
+    >>> plan(argparse.Namespace(epochs=1, max_steps=100, batch_size=64), 60000)
+    '100 steps each (--max-steps 100: 0.11 of an epoch of 60000 images at batch 64)'
+    >>> plan(argparse.Namespace(epochs=2, max_steps=None, batch_size=64), 60000)
+    '1874 steps each (2 epochs of 60000 images at batch 64)'
+    """
+    per_epoch = train_images // args.batch_size
+    steps = min(args.max_steps or math.inf, args.epochs * per_epoch)
+    data = f"of {train_images} images at batch {args.batch_size}"
+    if steps < args.epochs * per_epoch:
+        epochs = steps / per_epoch
+        share = f"{epochs:.2g} of an epoch" if epochs < 1 else f"{epochs:.3g} epochs"
+        return f"{steps} steps each (--max-steps {args.max_steps}: {share} {data})"
+    return f"{steps} steps each ({args.epochs} epoch{'s' if args.epochs > 1 else ''} {data})"
 
 
 def main(argv=None) -> None:
@@ -376,12 +395,10 @@ def main(argv=None) -> None:
     except (ConnectionError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if state.is_main_process:
-        steps = min(args.max_steps or math.inf, args.epochs * (len(datasets[0]) // args.batch_size))
         runs = sum(len(rates) for rates in args.grid.values())
         print(f"{runs} run(s) ({', '.join(f'{m} at lr {r:g}' for m, rates in args.grid.items() for r in rates)}), "
-              f"{steps} steps each ({args.epochs} epoch(s) of {len(datasets[0])} images at batch "
-              f"{args.batch_size}), testing on {len(datasets[1])} images every {args.eval_every} steps; "
-              "each run says how long it has left after 20 steps.")
+              f"{plan(args, len(datasets[0]))}, testing on {len(datasets[1])} images every {args.eval_every} "
+              "steps; each run says how long it has left after 20 steps.")
     torch.manual_seed(args.seed)
     initial_weights = {k: v.clone() for k, v in MODELS[args.model]().state_dict().items()}
     runs = [run(args, method, lr, datasets, initial_weights)

@@ -17,6 +17,7 @@ def run(*args):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_step_benchmark_times_and_measures_memory(tmp_path):
     out = tmp_path / "step.json"
     stdout = run("benchmarks/step.py", "--cases", "paper-mlp-64", "--samplers", "rank1-gaussian",
@@ -51,6 +52,7 @@ def test_step_benchmark_times_and_measures_memory(tmp_path):
     assert rows["step/rank1-gaussian/K=2"]["peak_mb"] is None  # memory: K=1 unless asked
 
 
+@pytest.mark.slow
 def test_step_benchmark_with_freed_memory_kept_still_sees_a_steps_memory(tmp_path):
     """glibc keeps the first step's freed blocks; they are given back before the resting
     footprint is read, so the gradient a step writes still counts as the step's."""
@@ -82,6 +84,7 @@ def test_unknown_case_names_the_known_ones():
         step.main(["--cases", "nope"])
 
 
+@pytest.mark.slow
 def test_time_to_loss_reaches_an_easy_target(tmp_path, mnist_root):
     out, picture = tmp_path / "ttl.json", tmp_path / "ttl.png"
     stdout = run("benchmarks/time_to_loss.py", "--data-dir", str(mnist_root), "--methods",
@@ -137,6 +140,7 @@ def test_page_faults_are_counted_per_step():
     assert 2**14 <= faults["backprop"] < 2 * 2**14
 
 
+@pytest.mark.slow
 def test_tangent_draw_benchmark_times_every_draw(tmp_path):
     out = tmp_path / "draw.json"
     stdout = run("benchmarks/tangent_draw.py", "--count", "1000", "--repeats", "2", "--warmup", "1",

@@ -45,6 +45,7 @@ def probe(mode):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @glibc_only
 def test_a_freed_block_is_reused_without_page_faults_and_emptied_on_request():
     """Faults over the last 10 of 30 steps. With kept memory the first few steps may still

@@ -20,6 +20,7 @@ def run(opt, closure, steps):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["weight", "spsa"])
 @pytest.mark.parametrize("tangents", ["gaussian", "rademacher", "rank1-gaussian"])
 @pytest.mark.parametrize("num_directions", [1, 3])
@@ -63,6 +64,7 @@ def test_small_model_draws_its_tangent_once_and_matches_the_streamed_update():
         assert not torch.equal(value, start[key])
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical():
     model, closure = MODELS["mlp"]()
     start = copy.deepcopy(model.state_dict())
@@ -163,6 +165,7 @@ def test_step_hooks_fire_and_no_backward_runs(no_backward):
     assert calls == ["pre", "post"]
 
 
+@pytest.mark.slow
 def test_learns():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))

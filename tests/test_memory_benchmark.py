@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # each test trains or starts processes
 
 
 def test_quick_run_measures_memory_time_and_loss(tmp_path):

@@ -61,6 +61,7 @@ def third_party():
     assert "uniform" not in fwdgrad_plugins.registered("tangent_samplers")
 
 
+@pytest.mark.slow
 def test_hook_register_tangent_samplers(third_party):
     assert {"gaussian", "rademacher", "rank1-gaussian", "uniform"} <= set(
         fwdgrad_plugins.registered("tangent_samplers"))
@@ -101,6 +102,7 @@ def test_every_hook_is_documented_and_tested():
         assert f"test_hook_{name}" in tests, f"hook {name} has no test_hook_{name}"
 
 
+@pytest.mark.slow
 def test_entry_point_plugins_are_loaded_and_listed(tmp_path):
     """A package advertising the entry-point group shows up in `python -m fwdgrad_plugins list`."""
     (tmp_path / "my_fwdgrad_plugin.py").write_text(textwrap.dedent("""

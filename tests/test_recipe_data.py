@@ -13,6 +13,7 @@ import mnist_data
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+@pytest.mark.slow
 def test_hf_trainer_without_mnist_names_the_folder_fix_and_never_offers_a_download(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FWDGRAD_DATA_DIR"}
     done = subprocess.run([sys.executable, str(RECIPES / "hf_trainer.py"), "--data_dir", str(tmp_path),

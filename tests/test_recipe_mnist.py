@@ -17,6 +17,8 @@ import fwdgrad_plugins
 from paper_models import paper_mlp
 from processes import free_port
 
+pytestmark = pytest.mark.slow  # each test trains or starts processes
+
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist.py")
 # 128 images at batch 32: 4 steps per epoch, so 6 steps cross an epoch and step 3 is mid-epoch.
 SMALL = ["--train-limit", "128", "--test-limit", "100", "--batch-size", "32", "--max-steps", "6",
@@ -78,19 +80,33 @@ def test_recipe_trains_both_methods_and_writes_finite_results_and_plots(one_proc
     assert "peak memory" not in stdout  # measured on CUDA only
 
 
-def test_offline_without_a_data_folder_says_how_to_fix_it_and_leaves_no_empty_folder(tmp_path):
-    """No --data-dir, no FWDGRAD_DATA_DIR and no network (a proxy that refuses): one line."""
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": ""}  # a proxy that refuses: no network
+ONE_PROCESS = ["-q", "--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+
+
+@pytest.mark.parametrize("launcher", [[], ["-m", "accelerate.commands.launch", *ONE_PROCESS]],
+                         ids=["python", "accelerate-launch-q"])
+def test_offline_without_a_data_folder_prints_one_line_with_the_fix_and_leaves_no_empty_folder(tmp_path, launcher):
+    """No --data-dir, no FWDGRAD_DATA_DIR and no network: one line on stderr, under python or
+    `accelerate launch -q` alike, and no traceback."""
     env = {k: v for k, v in os.environ.items() if k != "FWDGRAD_DATA_DIR"}
-    env.update(https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9",
-               HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", no_proxy="")
-    done = subprocess.run([sys.executable, RECIPE, "--max-steps", "1"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, *launcher, RECIPE, "--max-steps", "1"], cwd=tmp_path,
+                          env={**env, **OFFLINE}, capture_output=True, text=True, timeout=180)
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: could not download MNIST into data"), done.stderr[-2000:]
-    assert "--data-dir" in lines[-1] and "FWDGRAD_DATA_DIR" in lines[-1]
-    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("error: could not download MNIST into data"), lines
+    assert "--data-dir" in lines[0] and "FWDGRAD_DATA_DIR" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_a_data_folder_without_mnist_is_one_line_too(tmp_path):
+    done = subprocess.run([sys.executable, RECIPE, "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path} does not hold MNIST") and "FWDGRAD_DATA_DIR" in done.stderr
 
 
 def test_two_processes_stay_identical_and_match_one_process_on_the_same_global_batch(
@@ -186,5 +202,6 @@ def test_estimator_and_tangent_choices_come_from_the_registry(capsys):
     with pytest.raises(SystemExit):
         load_recipe().parse_args(["--help"])
     help_text = capsys.readouterr().out
+    assert "``" not in help_text  # plain text, not reST
     for name in fwdgrad_plugins.registered("estimators") + fwdgrad_plugins.registered("tangent_samplers"):
         assert name in help_text

@@ -106,12 +106,13 @@ class _ModuleStack:
 _decompositions_loaded = False
 
 
-def _load_decompositions_quietly() -> None:
-    """torch loads its forward-AD decompositions at a process's first dual tensor, through
-    ``torch.jit.script``, which warns that it is deprecated: torch's own warning, nothing a
-    user can act on. A throwaway dual loads them here, once, with that warning silenced,
-    before the closure runs (``catch_warnings`` around a closure would reset the warning
-    registries, and its own warnings would show again)."""
+def load_decompositions_quietly() -> None:
+    """torch loads its forward-AD decompositions at a process's first dual tensor (in
+    ``fwAD.make_dual``, which ``torch.func.jvp`` calls too), through ``torch.jit.script``,
+    which warns that it is deprecated: torch's own warning, nothing a user can act on. A
+    throwaway dual loads them here, once, with that warning silenced. Call it before the first
+    dual of a step is made (``catch_warnings`` around a closure would reset the warning
+    registries, and the closure's own warnings would show again)."""
     global _decompositions_loaded
     if _decompositions_loaded:
         return
@@ -131,7 +132,7 @@ def closure_context():
     An exception leaving the block carries the path of the module that raised it in its
     ``fwdgrad_module_path`` attribute (see :func:`module_path`).
     """
-    _load_decompositions_quietly()
+    load_decompositions_quietly()
     with torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), _ModuleStack().tracking():
         yield
 

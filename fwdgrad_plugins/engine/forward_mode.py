@@ -36,7 +36,12 @@ from torch.overrides import TorchFunctionMode
 
 from fwdgrad_plugins.distributed.fsdp import refuse_sharded
 from fwdgrad_plugins.engine import attention
-from fwdgrad_plugins.engine.closure_context import module_path, run_closure, unsupported_op_fix
+from fwdgrad_plugins.engine.closure_context import (
+    load_decompositions_quietly,
+    module_path,
+    run_closure,
+    unsupported_op_fix,
+)
 from fwdgrad_plugins.engine.rng_state import RngState
 from fwdgrad_plugins.engine.vmap_fallback import Refusals, warn_fallback
 from fwdgrad_plugins.errors import (
@@ -502,6 +507,7 @@ def _vmapped_directions(closure, params, tangents):
     direction_tangents = tuple(_own_storage(t) for t in
                                [tangents[i] for i in dense] + [tangents[i].u for i in rank_one])
     w_factors = tuple(tangents[i].w for i in rank_one)
+    load_decompositions_quietly()  # jvp makes its duals before the closure (and closure_context) runs
     losses, derivatives = torch.func.vmap(one_direction, randomness="same")(direction_tangents, w_factors)
     return _result(losses[0], derivatives.float(), params, modes)
 

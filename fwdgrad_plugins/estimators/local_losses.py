@@ -4,7 +4,7 @@ A network is cut into blocks; every block but the last owns a small auxiliary he
 pooling, then a linear classifier) trained with the task's loss function on the block's
 output, and the input of every block is detached, so no gradient path joins two blocks. Each
 block's parameters then only answer to the block's own loss, and activity perturbation
-(:mod:`fwdgrad_plugins.activity`) estimates each block's gradient from that block's activities
+(:mod:`fwdgrad_plugins.estimators.activity`) estimates each block's gradient from that block's activities
 alone: far fewer dimensions than the whole network's, so far less variance. The last block
 ends in the main head and is trained on the task loss.
 
@@ -267,7 +267,7 @@ class LocalActivityPerturbation:
     auxiliary heads' own gradients are exact (forward mode, one tangent per class).
 
     ``reduce`` is applied once to all derivatives and gradient estimates (see
-    :mod:`fwdgrad_plugins.activity`). ``directional_derivatives`` are the sums over blocks.
+    :mod:`fwdgrad_plugins.estimators.activity`). ``directional_derivatives`` are the sums over blocks.
     """
 
     reduces_gradients = True  # ``reduce`` all-reduces the gradient estimates, not only K floats

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,6 +39,7 @@ from transformers.training_args import OptimizerNames
 
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.estimators.core import ForwardGradientEstimator, trainable_parameters
+from fwdgrad_plugins.optim import NEEDS_GRAD, ForwardSGD, applies_without_grad
 
 FWDGRAD = "fwdgrad"
 FORWARD_SGD = "forward_sgd"  # --fwdgrad_inner_optim value: ForwardSGD, the update without .grad
@@ -171,6 +173,12 @@ class FwdGradTrainingArguments(TrainingArguments):
                    if inner in known else "is not an optimizer Trainer knows")
             usable = ", ".join(sorted(known - _INNER_OPTIMIZERS_NEEDING_BACKWARD))
             raise ValueError(f"--fwdgrad_inner_optim {inner!r} {why}: choose one of {usable}.")
+        if inner == FORWARD_SGD:
+            if not applies_without_grad(plugins.get("estimators", self.fwdgrad_estimator)()):
+                raise ValueError(
+                    f"--fwdgrad_estimator {self.fwdgrad_estimator} {NEEDS_GRAD} (--fwdgrad_inner_optim "
+                    "forward_sgd): pass --fwdgrad_inner_optim sgd (or another optimizer that steps from "
+                    ".grad), or --fwdgrad_estimator weight or spsa.")
         self.fwdgrad_inner_optim = inner
 
     def _warn_if_fwdgrad_options_unused(self) -> None:
@@ -182,8 +190,27 @@ class FwdGradTrainingArguments(TrainingArguments):
             warnings.warn(
                 f"{', '.join('--' + name for name in changed)} set but --optim is {self.optim!r}, so "
                 "training uses backpropagation: pass --optim fwdgrad to train with forward gradients.",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=_callers_stacklevel(),
             )
+
+
+def _callers_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning, raised by the function calling this one
+    while arguments are built, to the user's code: the first frame outside this module,
+    dataclasses' generated ``__init__`` (``<string>``) and transformers (``HfArgumentParser``,
+    ``TrainingArguments``)."""
+    import transformers
+
+    skipped = (os.path.dirname(os.path.abspath(transformers.__file__)), os.path.abspath(__file__))
+
+    def skip(frame) -> bool:
+        name = frame.f_code.co_filename
+        return name == "<string>" or os.path.abspath(name).startswith(skipped)
+
+    frame, level = sys._getframe(2), 2  # the caller of the function that warns
+    while frame.f_back is not None and skip(frame):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class FwdGradTrainer(Trainer):
@@ -213,6 +240,7 @@ class FwdGradTrainer(Trainer):
         if not getattr(self.args, "forward_gradient", False):
             return
         self._check_supported_setup()
+        self._check_estimator_fits_model()
         if self.args.fwdgrad_inner_optim == FORWARD_SGD:
             self.forward_gradient = _AccumulateIntoForwardSGD(self)
             if self.args.max_grad_norm:
@@ -251,12 +279,24 @@ class FwdGradTrainer(Trainer):
                 "not a ForwardGradient wrapper: with optim='fwdgrad' the trainer runs the estimator itself."
             )
 
+    def _check_estimator_fits_model(self) -> None:
+        """``local-activity`` trains a ``LocalLossNetwork`` and nothing else: with any other
+        model it could only fail at the first step."""
+        from fwdgrad_plugins.estimators.local_losses import LocalActivityPerturbation, LocalLossNetwork
+
+        estimator = plugins.get("estimators", self.args.fwdgrad_estimator)
+        if estimator is LocalActivityPerturbation and not any(
+                isinstance(m, LocalLossNetwork) for m in self.model.modules()):
+            raise ValueError(
+                f"--fwdgrad_estimator {self.args.fwdgrad_estimator} trains a LocalLossNetwork (blocks with "
+                f"auxiliary heads, from fwdgrad_plugins.estimators.local_losses.with_local_losses) and "
+                f"{type(self.model).__name__} is none: choose another estimator (weight, blockwise, "
+                "activity, ...; `python -m fwdgrad_plugins list`).")
+
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
         """Trainer's optimizer table, with ``optim="fwdgrad"`` read as its inner optimizer."""
         if getattr(args, "forward_gradient", False) and args.fwdgrad_inner_optim == FORWARD_SGD:
-            from fwdgrad_plugins.optim import ForwardSGD
-
             return ForwardSGD, {"lr": args.learning_rate, "num_directions": args.fwdgrad_num_directions,
                                 "tangents": args.fwdgrad_tangents, "seed": args.fwdgrad_seed,
                                 "estimator": args.fwdgrad_estimator}

@@ -95,6 +95,7 @@ class Workspace:
     others afresh.
 
     >>> import torch
+    >>> from fwdgrad_plugins.tangents import GaussianSampler
     >>> workspace = Workspace(min_bytes=0)
     >>> w = torch.zeros(3, 4)
     >>> first = GaussianSampler().sample([w], num_directions=2, seed=0, workspace=workspace)[0]

@@ -27,6 +27,7 @@ def test_the_fsdp2_plugin_on_a_cpu_is_reported(fsdp_asked_for):
         assert warn_if_fsdp_ignored(accelerator)
 
 
+@pytest.mark.slow
 def test_the_accelerate_loop_reports_it(fsdp_asked_for):
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
     model = torch.nn.Linear(4, 2)
@@ -36,6 +37,7 @@ def test_the_accelerate_loop_reports_it(fsdp_asked_for):
               options=TrainingOptions(max_steps=1, progress_bar=False, measure_memory=False))
 
 
+@pytest.mark.slow
 def test_the_trainer_reports_it(fsdp_asked_for, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -2,7 +2,7 @@
 shard equal to the replicated run's parameters (bit for bit for Gaussian K = 1), no gradient
 collectives, and a clear refusal, before anything changes, for what is not supported.
 
-The parity cases run once, on two gloo processes (tests/distributed/fsdp_worker.py, tangents
+The parity cases run once, on two gloo processes (tests/fsdp_worker.py, tangents
 drawn with eager ops: TORCH_COMPILE_DISABLE=1 spares each process the kernel build); the
 refusals run in this process on a one-process gloo group.
 """
@@ -26,7 +26,7 @@ from processes import free_port
 
 from fsdp_worker import CASES
 
-WORKER = Path(__file__).with_name("fsdp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "fsdp_worker.py"
 
 EXACT = {"mlp-sgd", "mlp-forward-sgd", "mlp-spsa", "gpt2-sgd", "gpt2-forward-sgd", "gpt2-lora-adam", "llama-sgd",
          "mlp-forward-sgd-rank1-k2"}
@@ -50,12 +50,14 @@ def two_ranks():
     return {case: [r for r in results if r["case"] == case] for case in CASES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_matches_replicated(two_ranks, case):
     assert len(two_ranks[case]) == 2
     check_parity(case, two_ranks[case])
 
 
+@pytest.mark.slow
 def test_four_ranks_match_replicated_with_an_empty_shard():
     """Four ranks: the MLP's 3-row layer leaves rank 3 no rows at all."""
     cases = ["mlp-sgd", "mlp-forward-sgd-rank1-k2"]
@@ -91,6 +93,7 @@ def check_parity(case, ranks):
 RESUMED = ["mlp-adam-k3", "mlp-forward-sgd", "gpt2-lora-adam"]
 
 
+@pytest.mark.slow
 def test_a_resumed_sharded_run_ends_bit_identical(tmp_path):
     """Model, optimizer and estimator state through torch.distributed.checkpoint (TrainingState)."""
     results = run_ranks(2, *(f"resume:{case}" for case in RESUMED), FWDGRAD_CHECKPOINT_DIR=str(tmp_path))

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_the_sharded_benchmark_counts_traffic_and_writes_its_report(tmp_path):
     out = tmp_path / "sharded.json"
     command = [sys.executable, "benchmarks/sharded.py", "--quick", "--methods", "fsdp-backprop-sgd,fsdp-forward-sgd",

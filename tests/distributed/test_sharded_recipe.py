@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from processes import free_port
 from conftest import REPO
 
@@ -20,6 +22,7 @@ def torchrun(*args):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_saves_and_resumes(tmp_path):
     checkpoint = str(tmp_path / "checkpoint")
     assert "over 3 steps on 2 processes" in torchrun("--steps", "3", "--optimizer", "adamw", "--checkpoint", checkpoint)

@@ -11,7 +11,7 @@ from fwdgrad_plugins.engine import attention
 from fwdgrad_plugins.engine.attention import attention_jvp
 from fwdgrad_plugins.estimators.core import trainable_parameters
 
-from test_model_families import FAMILIES, autograd_derivatives
+from model_families import FAMILIES, autograd_derivatives
 
 
 def math_jvp(q, k, v, tangents, **options):
@@ -92,6 +92,7 @@ def test_dropout_takes_the_math_kernel(monkeypatch):
     assert result.derivatives.shape == (1,)
 
 
+@pytest.mark.slow
 def test_the_benchmark_command_writes_its_table_plot_and_json(tmp_path):
     import json
     import subprocess

@@ -55,6 +55,7 @@ LOSSES_WITHOUT_TANGENT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["weight", "activity"])
 @pytest.mark.parametrize("num_directions", [1, 3])
 @pytest.mark.parametrize("case", list(LOSSES_WITHOUT_TANGENT))
@@ -134,6 +135,7 @@ def test_an_error_caught_inside_the_closure_does_not_confuse_the_module_path():
         ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1)).step(lambda: model(x).sum())
 
 
+@pytest.mark.slow
 def test_a_first_step_shows_none_of_torchs_own_deprecation_warnings():
     """torch's first dual tensor loads decompositions through the deprecated torch.jit.script;
     its FutureWarning is torch's, not the user's, and must not reach them (a fresh process)."""

@@ -39,7 +39,9 @@ def autograd_reference(model, closure, params, tangents, seed):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("num_directions", [1, 3])
-@pytest.mark.parametrize("name", list(MODELS))
+# The HF models are slow here; tests/engine/test_model_families.py checks smaller ones in the fast tests.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name.startswith("tiny_") else name
+                                  for name in MODELS])
 def test_directional_derivatives_equal_autograd(name, num_directions, sampler):
     model, closure = MODELS[name]()
     model.train()

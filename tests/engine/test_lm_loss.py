@@ -24,6 +24,7 @@ def llama_lora():
     return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [gpt2, llama_lora])
 @pytest.mark.parametrize("block_tokens", [1, 5, 64])
 def test_value_and_derivatives_are_the_models_own(make, block_tokens):

@@ -67,6 +67,7 @@ def test_one_layer_with_a_full_orthogonal_basis_is_exact(layer, shape, target_sh
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, orthogonal", [
     (layer_norm_mlp, False), (layer_norm_mlp, True), (small_cnn, False), (toy_models.tied, False),
 ])
@@ -170,13 +171,14 @@ def test_trains_through_the_optimizer_wrapper_reproducibly():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_trains_through_the_transformers_trainer_with_the_same_option(name, tmp_path):
     # The model computes its loss itself (BERT: CrossEntropyLoss; GPT-2: a summed token loss
     # divided by the token count); GPT-2's Conv1D weights and embeddings fall back to weight
     # perturbation, its linear lm_head is tied to the token embedding.
     from fwdgrad_plugins import FwdGradTrainer
-    from test_transformers_trainer import MODELS, arguments, snapshot
+    from tiny_transformers import MODELS, arguments, snapshot
 
     make_model, make_data, _ = MODELS[name]
     model = make_model()

@@ -68,6 +68,7 @@ def test_every_variant_is_registered():
     assert "orthogonal-gaussian" in fwdgrad_plugins.registered("tangent_samplers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options, sampler", UNBIASED)
 def test_mean_of_estimates_is_autograds_gradient(name, options, sampler):
     _, closure, params, true_gradient = small_problem()
@@ -101,6 +102,7 @@ def total_variance(estimates, true_gradient):
     return ((estimates - true_gradient) ** 2).sum(1).mean()
 
 
+@pytest.mark.slow
 def test_blockwise_and_a_good_guess_lower_the_variance():
     _, closure, params, true_gradient = small_problem()
     plain = total_variance(draws(WeightPerturbation(), closure, params, "gaussian", 2, 100), true_gradient)
@@ -115,6 +117,7 @@ def test_blockwise_and_a_good_guess_lower_the_variance():
     assert with_guess < 0.2 * plain, f"guided variance {with_guess:.3g} vs FG-W K=2 {plain:.3g}"
 
 
+@pytest.mark.slow
 def test_blockwise_noise_of_a_block_is_its_own():
     """Per tensor, a block's error is set by its own gradient, not by the largest block's: a
     block holding a small share of ‖g‖² (LoRA's q adapters on the repeated-phrase task) is
@@ -140,6 +143,7 @@ def test_blockwise_noise_of_a_block_is_its_own():
     assert plain[:, 80:].abs().max() > 1
 
 
+@pytest.mark.slow
 def test_size_scaled_blockwise_is_biased_by_its_documented_scale():
     """``blockwise-scaled`` estimates D g with D = 1/√(n_b + 2) per block: biased for g."""
     _, closure, params, true_gradient = small_problem()
@@ -150,6 +154,7 @@ def test_size_scaled_blockwise_is_biased_by_its_documented_scale():
     assert z_scores(estimates, true_gradient).abs().max() > 8  # not the gradient itself
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blockwise-scaled", "guided"])
 def test_descends_on_a_quadratic(name):
     torch.manual_seed(0)
@@ -190,6 +195,7 @@ def train(model, fg, optimizer, steps, start=0):
         optimizer.step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options, sampler, k", VARIANTS + [("blockwise-scaled", {}, "gaussian", 1),
                                                        ("guided", {}, "gaussian", 1)])
 def test_resume_is_bit_identical(name, options, sampler, k):
@@ -225,6 +231,7 @@ def _roundtrip(state):
     return buffer
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_identical_parameters(tmp_path):
     """Two gloo processes, each with its own data, all-reduce the K derivatives only (the
     per-example estimators: their gradient estimates): both must end with the same
@@ -258,6 +265,7 @@ def test_bad_options_name_the_fix(bad, match):
         ForwardGradientEstimator(**bad)
 
 
+@pytest.mark.slow
 def test_guided_with_one_direction_takes_either_part():
     """K = 1: half the steps go along the guess, half off it (each doubled)."""
     _, closure, params, _ = small_problem()

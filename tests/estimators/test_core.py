@@ -26,6 +26,7 @@ def flat(tangents, k):
     return torch.cat([(t.dense() if isinstance(t, RankOne) else t)[k].flatten() for t in tangents])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 def test_tangents_have_identity_second_moment(sampler_name):
     _, params, _ = small_problem()
@@ -36,6 +37,7 @@ def test_tangents_have_identity_second_moment(sampler_name):
     torch.testing.assert_close(v.mean(0), torch.zeros(v.shape[1]), atol=0.08, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 def test_mean_of_estimates_is_the_gradient(sampler_name):
     closure, params, true_gradient = small_problem()
@@ -48,6 +50,7 @@ def test_mean_of_estimates_is_the_gradient(sampler_name):
     assert z.abs().max() < 5, f"mean of {n} estimates is {z.abs().max():.1f} standard errors off"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", ["gaussian", "rademacher"])
 def test_variance_falls_as_one_over_k(sampler_name):
     closure, params, true_gradient = small_problem()

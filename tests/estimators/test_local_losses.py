@@ -67,6 +67,7 @@ def test_wraps_a_sequential_into_blocks_that_share_its_modules():
     assert {id(p) for p in mlp.parameters()} <= {id(p) for p in model.parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [sequential_mlp, grouped_blocks, one_unit_per_group])
 def test_mean_over_draws_is_each_blocks_local_loss_gradient(make):
     model = make()
@@ -136,6 +137,7 @@ def test_clear_errors():
         with_local_losses(mlp, 3, torch.zeros(1, 5), groups=3)
 
 
+@pytest.mark.slow
 def test_trains_through_the_optimizer_wrapper():
     torch.manual_seed(0)
     x = torch.randn(64, 4)

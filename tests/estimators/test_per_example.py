@@ -205,6 +205,7 @@ def strided_cnn():
     return model, lambda: F.cross_entropy(model(x), y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, blocks, input_span", [
     (layer_norm_mlp, None, False), (small_cnn, None, False), (toy_models.tied, None, False),
     (layer_norm_mlp, "layer", False), (embedding_mlp, "layer", False),
@@ -227,6 +228,7 @@ def test_mean_over_draws_is_the_task_loss_gradient(make, blocks, input_span):
         assert ((samples.mean(0) - want).abs() <= 5 * standard_error + 1e-6).all(), (i, z.max())
 
 
+@pytest.mark.slow
 def test_less_error_than_one_tangent_shared_by_the_batch():
     # A regression the untrained model gets wrong in the same way for every example: the
     # examples' gradients agree, which is when independent per-example tangents pay.
@@ -257,6 +259,7 @@ def test_less_error_than_one_tangent_shared_by_the_batch():
     assert span_blockwise < 0.5 * per_example_blockwise
 
 
+@pytest.mark.slow
 def test_input_span_lowers_the_error_where_examples_disagree():
     # independent labels: the examples' gradients disagree, where per-example tangents alone
     # gain little; restricting c_b to the example's input still removes the fan-in's noise
@@ -310,6 +313,7 @@ def train(name, steps, start=0, state=None):
     return model, losses, {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_and_resumes_bit_identically(name):
     model, losses, _ = train(name, 60)

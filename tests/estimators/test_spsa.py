@@ -61,6 +61,7 @@ def test_on_a_quadratic_it_converges_to_the_forward_gradient(name):
     assert errors[2] < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name, epsilon, atol", [
     ("mlp", 1e-5, 1e-7), ("dropout_mlp", 1e-5, 1e-7), ("tied", 1e-5, 1e-7), ("matmul_weight", 1e-5, 1e-7),
     ("tiny_gpt2", 3e-4, 5e-3),  # HF computes the loss in float32: rounding / 2ε dominates
@@ -116,6 +117,7 @@ def test_embedding_padding_row_is_never_updated():
     assert not torch.equal(embedding.weight[1:3], embedding.weight[1:3] * 0)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     model, closure = MODELS["mlp"]()
     start = copy.deepcopy(model.state_dict())
@@ -171,6 +173,7 @@ def test_bad_closures_fail_clearly_and_change_nothing(closure, error):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_no_backward_pass(no_backward):
     model, closure = MODELS["tiny_gpt2"]()
     no_backward(model)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from fwdgrad_plugins import ForwardGradientEstimator
 from fwdgrad_plugins.integrations.accelerate_loop import (
@@ -23,17 +23,7 @@ from fwdgrad_plugins.integrations.accelerate_loop import (
 )
 from fwdgrad_plugins.integrations.accelerate_trackers import file_trackers
 
-DECAY = 0.9  # lr multiplier per step: makes a scheduler stepping twice per update visible
-
-
-def dataset():
-    generator = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(40, 6, generator=generator), torch.randint(0, 3, (40,), generator=generator))
-
-
-def fresh_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+from tiny_loop import DECAY, dataset, fresh_model
 
 
 def run_loop(method, model, *, lr=0.1, shuffle=False, accelerator=None, **options):
@@ -95,6 +85,7 @@ def test_trackers_record_losses_evaluations_and_configuration(tmp_path):
     assert rows[0] == "step,name,value" and sum(",fwdgrad/train_loss," in row for row in rows) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fwdgrad", "backprop"])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, method):
     options = dict(epochs=3, max_steps=8, shuffle=True, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3)

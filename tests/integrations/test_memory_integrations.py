@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from fwdgrad_plugins import ForwardGradientEstimator, ForwardSGD, FwdGradTrainer
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 
-from test_accelerate_loop import DECAY, dataset, fresh_model
-from test_transformers_trainer import arguments, language_data, snapshot, tiny_gpt2
+from tiny_loop import DECAY, dataset, fresh_model
+from tiny_transformers import arguments, language_data, snapshot, tiny_gpt2
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def hf_run(output_dir, resume=None, **overrides):

@@ -36,6 +36,7 @@ def train(model, opt, images, labels, steps, batch=64, scheduler=None):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner", list(INNER))
 def test_trains_mnist_subset(inner, mnist_subset):
     images, labels = mnist_subset
@@ -68,6 +69,7 @@ def test_step_lr_scheduler_drives_the_inner_learning_rate(recwarn):
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))

@@ -6,9 +6,9 @@ import warnings
 import pytest
 from fwdgrad_plugins import FwdGradTrainer, LossWithoutTangentError
 
-from test_transformers_trainer import arguments, classification_data, tiny_bert
+from tiny_transformers import arguments, classification_data, tiny_bert
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def train(tmp_path, trainer_class=FwdGradTrainer, **overrides):

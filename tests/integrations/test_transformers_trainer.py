@@ -1,7 +1,5 @@
-"""FwdGradTrainer and FwdGradTrainingArguments: Trainer features with forward gradients.
-
-Tiny BERT and GPT-2 models built from configs (no download), SDPA attention, CPU only.
-"""
+"""FwdGradTrainer and FwdGradTrainingArguments: Trainer features with forward gradients,
+on the tiny BERT and GPT-2 of ``tests/tiny_transformers.py`` (SDPA attention, CPU only)."""
 
 import json
 import os
@@ -12,70 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    BertConfig,
-    GPT2Config,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments, get
 from fwdgrad_plugins.integrations.transformers_trainer import ESTIMATOR_STATE_NAME
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
+
 from processes import free_port
-
-VOCAB, LENGTH = 24, 8
-
+from tiny_transformers import MODELS, arguments, classification_data, language_data, snapshot, tiny_bert, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_bert(dropout=0.1):
-    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-
-
-def tiny_gpt2(dropout=0.1):
-    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=LENGTH,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
-def classification_data(n=16):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(VOCAB, (n, LENGTH), generator=g)
-    return [{"input_ids": x, "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": int(x[0] % 2)}
-            for x in ids]
-
-
-def language_data(n=16):
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": x, "labels": x} for x in torch.randint(VOCAB, (n, LENGTH), generator=g)]
-
-
-MODELS = {
-    "bert": (tiny_bert, classification_data, "bert.embeddings.word_embeddings.weight"),
-    "gpt2": (tiny_gpt2, language_data, "transformer.wpe.weight"),  # wte is tied to lm_head
-}
-
-
-def arguments(tmp_path, **overrides):
-    options = dict(output_dir=str(tmp_path), optim="fwdgrad", learning_rate=1e-2, max_steps=1,
-                   per_device_train_batch_size=4, use_cpu=True, report_to="none", save_strategy="no",
-                   disable_tqdm=True, logging_steps=1, seed=0)
-    return FwdGradTrainingArguments(**{**options, **overrides})
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path):
     make_model, make_data, frozen_name = MODELS[name]
@@ -98,6 +45,7 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_directions", [1, 2])  # the dual-tensor pass and the vmapped jvp
 def test_bf16_autocast_on_cpu_trains(num_directions, tmp_path):
     torch.manual_seed(0)
@@ -141,6 +89,7 @@ def train_one_step(trainer_class, make_model, make_data, tmp_path, loss_is_scale
     return trainer, recorder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, loss_is_scaled_for_ga, max_grad_norm", [
     ("bert", None, 0.0),
     ("bert", False, 1e-3),  # Trainer divides the loss by the accumulation steps; clipping on
@@ -177,6 +126,7 @@ def test_accumulated_estimate_is_trainers_gradient_projected_on_each_micro_batch
         torch.testing.assert_close(forward.applied[n], want, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["weight", "guided"])  # guided: tensors of its own
 def test_resume_from_checkpoint_ends_bit_identical(estimator, tmp_path):
     """Accumulation, warm-up + linear decay, clipping and dropout: 4 steps in one go equal 2
@@ -240,16 +190,44 @@ def test_bad_option_fails_while_parsing_before_training(option, value, message, 
         HfArgumentParser(FwdGradTrainingArguments).parse_args_into_dataclasses(argv)
 
 
+def test_an_estimator_forward_sgd_cannot_apply_fails_while_parsing_and_names_the_flag(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--optim", "fwdgrad", "--fwdgrad_estimator", "blockwise-parameter",
+            "--fwdgrad_inner_optim", "forward_sgd", "--use_cpu"]
+    with pytest.raises(ValueError, match="blockwise-parameter forms its estimate .* pass --fwdgrad_inner_optim sgd"):
+        HfArgumentParser(FwdGradTrainingArguments).parse_args_into_dataclasses(argv)
+    arguments(tmp_path, fwdgrad_estimator="spsa", fwdgrad_inner_optim="forward_sgd")  # one it can apply
+
+
+def test_local_activity_is_refused_before_training_for_a_model_without_local_losses(tmp_path):
+    from fwdgrad_plugins.estimators.local_losses import with_local_losses
+
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="local-activity trains a LocalLossNetwork .* BertForSequenceClassification"):
+        FwdGradTrainer(model=model, args=arguments(tmp_path, fwdgrad_estimator="local-activity"),
+                       train_dataset=classification_data())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    local = with_local_losses(mlp, num_classes=2, example_input=torch.zeros(1, 4))
+    FwdGradTrainer(model=local, args=arguments(tmp_path, fwdgrad_estimator="local-activity"))  # accepted
+
+
 def test_inner_optimizer_that_steps_inside_backward_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'lomo' updates parameters during backward"):
         arguments(tmp_path, fwdgrad_inner_optim="lomo")
 
 
-def test_fwdgrad_options_without_optim_fwdgrad_warn_that_backprop_trains(tmp_path):
-    with pytest.warns(UserWarning, match="--fwdgrad_num_directions set but --optim is 'sgd'"):
+def test_fwdgrad_options_without_optim_fwdgrad_warn_that_backprop_trains_at_the_callers_line(tmp_path):
+    with pytest.warns(UserWarning, match="--fwdgrad_num_directions set but --optim is 'sgd'") as caught:
         arguments(tmp_path, optim="sgd", fwdgrad_num_directions=4)
+    assert caught[0].filename.endswith("tiny_transformers.py"), caught[0].filename  # where arguments() builds them
+    argv = ["--output_dir", str(tmp_path), "--optim", "sgd", "--fwdgrad_tangents", "rademacher", "--use_cpu"]
+    with pytest.warns(UserWarning, match="--fwdgrad_tangents set") as caught:
+        HfArgumentParser(FwdGradTrainingArguments).parse_args_into_dataclasses(argv)
+    assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)
 
 
+@pytest.mark.slow
 def test_a_given_optimizer_becomes_the_inner_one_and_a_wrapper_is_refused(tmp_path):
     from fwdgrad_plugins import ForwardGradient
 
@@ -263,6 +241,7 @@ def test_a_given_optimizer_becomes_the_inner_one_and_a_wrapper_is_refused(tmp_pa
         FwdGradTrainer(model=model, args=arguments(tmp_path), optimizers=(ForwardGradient(sgd), None))
 
 
+@pytest.mark.slow
 def test_plain_trainer_refuses_fwdgrad_arguments_before_any_update(tmp_path):
     model = tiny_bert()
     before = snapshot(model)
@@ -272,6 +251,7 @@ def test_plain_trainer_refuses_fwdgrad_arguments_before_any_update(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_other_optimizers_train_exactly_as_trainer(tmp_path):
     def run(trainer_class):
         torch.manual_seed(0)
@@ -284,6 +264,7 @@ def test_other_optimizers_train_exactly_as_trainer(tmp_path):
     assert all(torch.equal(reference[n], ours[n]) for n in reference)
 
 
+@pytest.mark.slow
 def test_recipe_trains_both_ways_and_prints_the_comparison(mnist_root, tmp_path, monkeypatch, capsys):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "hf_trainer.py"
     results = tmp_path / "results.jsonl"
@@ -307,6 +288,7 @@ def train_language_model(output_dir, batch_size):
     return args, snapshot(model)
 
 
+@pytest.mark.slow
 def test_two_processes_apply_the_update_of_one_process_on_the_global_batch(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo, DDP-wrapped model), batch 2 each: the
     mean directional derivative over processes and shared tangents give every process the

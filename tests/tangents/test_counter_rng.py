@@ -147,6 +147,7 @@ def test_signs_are_fair_and_uncorrelated():
     assert abs((s[1:] * s[:-1]).mean()) < 5 / n**0.5
 
 
+@pytest.mark.slow
 def test_torch_compile_disabled_draws_the_same_values_eagerly_without_a_warning(tmp_path):
     code = ("import sys, torch; from fwdgrad_plugins.tangents import counter_rng; "
             "torch.save(counter_rng.normal(9, 0, 100_000), sys.argv[1])")

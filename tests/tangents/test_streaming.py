@@ -60,6 +60,7 @@ def test_combination_of_a_stream_draws_one_direction_at_a_time(name, num_directi
         assert combination(WholeTangents(params, whole), i, coefficients).shape == params[i].shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILT_IN)
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_streamed_derivatives_equal_the_whole_draws(model_name, name):
@@ -134,6 +135,7 @@ def test_lazy_direction_is_a_mapping_of_the_parameters():
     assert directions[id(params[1])].shape == (3,) and directions.draws == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILT_IN)
 @pytest.mark.parametrize("model_name", ["cnn_batchnorm_dropout", "dropout_mlp", "tiny_gpt2"])
 def test_streamed_directions_equal_one_vmap_pass(model_name, name):

@@ -5,7 +5,7 @@ does). Prints one JSON line per case and rank: whether every shard equals the re
 parameters, the largest difference, the collectives the sharded steps called, and what else
 the test checks.
 
-    python tests/distributed/fsdp_worker.py RANK WORLD_SIZE PORT CASE [CASE ...]
+    python tests/fsdp_worker.py RANK WORLD_SIZE PORT CASE [CASE ...]
 
 A case ``resume:<case>`` instead trains the case 2 + 2 steps through a checkpoint
 (``torch.distributed.checkpoint`` into the folder FWDGRAD_CHECKPOINT_DIR) and 4 steps
