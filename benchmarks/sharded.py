@@ -235,7 +235,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="Sharded training on N gloo processes: FSDP2 backprop against "
+                                     "FSDP2 with forward gradients and replicated ForwardSGD.")
     parser.add_argument("--ranks", default="2,4", help="comma-separated process counts")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--layers", type=int, default=24)
