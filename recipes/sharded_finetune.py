@@ -15,7 +15,9 @@
 # updates each shard in place with no .grad; adamw is ForwardGradient(AdamW), whose .grad and
 # state are shards too. Each process reads its own batches; --checkpoint saves the model,
 # optimizer and estimator through torch.distributed.checkpoint, and --resume continues from it
-# bit-identically.
+# bit-identically. The defaults show the sharded mechanics, not a tuned run: forward gradients
+# learn slowly in full fine-tuning (the estimate's variance grows with the parameters); on 2 CPU
+# processes 150 steps with --optimizer adamw take the mean loss from 5.587 to 5.553 (ln 256 = 5.545).
 """Sharded (FSDP2) fine-tuning of GPT-2 with forward gradients, launched by torchrun."""
 
 from __future__ import annotations
