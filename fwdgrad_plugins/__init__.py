@@ -15,6 +15,7 @@ from fwdgrad_plugins.errors import (
     NonFiniteDirectionalDerivativeError,
     ParametersNotUsedError,
     UnsupportedOperationError,
+    UnsupportedShardingError,
 )
 from fwdgrad_plugins.estimators.core import Estimate, ForwardGradientEstimator
 from fwdgrad_plugins.engine.forward_mode import directional_derivatives
@@ -42,6 +43,6 @@ __all__ = [
     "BackwardInClosureError", "Estimate", "ForwardGradient", "ForwardGradientError",
     "ForwardGradientEstimator", "ForwardSGD", "LossNotScalarError", "LossWithoutTangentError",
     "NonFiniteDirectionalDerivativeError",
-    "ParametersNotUsedError", "UnknownNameError", "UnsupportedOperationError",
+    "ParametersNotUsedError", "UnknownNameError", "UnsupportedOperationError", "UnsupportedShardingError",
     "directional_derivatives", "get", "hookimpl", "registered",
 ]

@@ -28,3 +28,9 @@ class NonFiniteDirectionalDerivativeError(ForwardGradientError, FloatingPointErr
 class LossWithoutTangentError(ParametersNotUsedError):
     """The loss carries no tangent: no parameter being trained reached it (a detached
     output, an argmax), so its directional derivative would be a silent zero."""
+
+
+class UnsupportedShardingError(ForwardGradientError):
+    """The parameters are sharded or partitioned in a way forward gradients do not handle
+    (FSDP1, DeepSpeed ZeRO-3, tensor parallelism, an unknown placement, or a torch release
+    whose FSDP2 internals changed)."""

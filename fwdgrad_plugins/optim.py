@@ -27,6 +27,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, Optional
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from fwdgrad_plugins import plugins
+from fwdgrad_plugins.distributed.fsdp import sharding
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
 from fwdgrad_plugins.estimators.core import Estimate, Reduce, check_finite, trainable_parameters
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
@@ -126,9 +128,15 @@ class ForwardSGD(torch.optim.Optimizer):
         Returns its loss and derivatives (``grads`` is empty: there are none); on an error
         nothing changes."""
         params = self._parameters()
+        sharded = sharding(params)  # FSDP2 shards (None: none); refuses other sharding
         seed = derive_seed(self.seed, self.forward_step)
-        tangents = self.estimator.tangents(self.sampler, params, self.num_directions, seed)
-        result = self.estimator.derivatives(closure, params, tangents)
+        if sharded is None:
+            tangents = self.estimator.tangents(self.sampler, params, self.num_directions, seed)
+            result = self.estimator.derivatives(closure, params, tangents)
+        else:  # streamed: the update redraws this rank's rows
+            tangents = None
+            result = sharded.derivatives(self.estimator, closure, self.sampler, self.num_directions, seed)
+            reduce = reduce or sharded.mean
         derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
         self._accumulated = True
         self.forward_step += 1
@@ -139,7 +147,7 @@ class ForwardSGD(torch.optim.Optimizer):
             warnings.warn(f"skipped update {self.forward_step - 1} ({self.skipped_steps} so far): {error}",
                           RuntimeWarning, stacklevel=2)
             return Estimate(torch.tensor(float("nan")), derivatives, [], skipped=True)
-        whole = None if is_streamed(tangents) else tangents  # a whole draw is reused, not redrawn
+        whole = None if tangents is None or is_streamed(tangents) else tangents  # a whole draw is reused
         self._pending.append((seed, derivatives, result.used, result.frozen_rows, whole))
         return Estimate(result.loss, derivatives, [])
 
@@ -166,7 +174,11 @@ class ForwardSGD(torch.optim.Optimizer):
         params = self._parameters()
         index = {id(p): i for i, p in enumerate(params)}
         K = self.num_directions
-        streams = [(whole or tangent_stream(self.sampler, params, K, seed), d / K if K > 1 else d, used, rows)
+        sharded = sharding(params)  # FSDP2: each rank writes its shard, from its rows of the tangents
+        targets = params if sharded is None else sharded.local
+        draw = (functools.partial(tangent_stream, self.sampler, params, K) if sharded is None
+                else functools.partial(sharded.local_tangents, self.sampler, K))
+        streams = [(whole or draw(seed), d / K if K > 1 else d, used, rows)
                    for seed, d, used, rows, whole in pending]
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
@@ -174,9 +186,10 @@ class ForwardSGD(torch.optim.Optimizer):
                 i = index.get(id(p))
                 if i is None:
                     continue
-                if len(streams) == 1 and K == 1 and weight_decay == 0 and _one_pass_update(p, i, lr, *streams[0]):
+                target = targets[i]
+                if len(streams) == 1 and K == 1 and weight_decay == 0 and _one_pass_update(target, i, lr, *streams[0]):
                     continue
-                _update_parameter(p, i, lr, weight_decay, streams)
+                _update_parameter(target, i, lr, weight_decay, streams)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad_plugins.distributed.fsdp import refuse_sharded
 from fwdgrad_plugins.engine import attention, cross_entropy
 from fwdgrad_plugins.engine.closure_context import (
     load_decompositions_quietly,
@@ -375,6 +376,7 @@ def directional_derivatives(
     """
     if not params:
         raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
+    refuse_sharded(params, "directional_derivatives")  # FSDP computes with gathered tensors
     if isinstance(tangents, TangentStream) and not is_streamed(tangents):
         tangents = tangents.whole()
     with torch.no_grad(), _forward_ad_errors():

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from fwdgrad_plugins import plugins
+from fwdgrad_plugins.distributed.fsdp import Sharding, sharding
 from fwdgrad_plugins.engine.forward_mode import DirectionalDerivatives
-from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
+from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError, UnsupportedShardingError
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
 from fwdgrad_plugins.tangents.streaming import TangentStream, combination
 from fwdgrad_plugins.tangents.tangent import cast
@@ -117,11 +118,14 @@ class ForwardGradientEstimator:
         it in ``self.skipped`` and warns; nothing is written. On any error, nothing changes.
         """
         params = trainable_parameters(params)
+        sharded = sharding(params)  # FSDP2 shards (None: none); refuses other sharding
+        seed = derive_seed(self.seed, self.step)
         try:
-            estimate = self.estimator.estimate(
-                closure, params, sampler=self.sampler, num_directions=self.num_directions,
-                seed=derive_seed(self.seed, self.step), reduce=reduce,
-            )
+            if sharded is not None:
+                estimate = self._sharded_estimate(sharded, closure, seed, reduce or sharded.mean)
+            else:
+                estimate = self.estimator.estimate(closure, params, sampler=self.sampler,
+                                                   num_directions=self.num_directions, seed=seed, reduce=reduce)
         except NonFiniteDirectionalDerivativeError as error:
             self.step += 1
             self.skipped += 1
@@ -137,6 +141,24 @@ class ForwardGradientEstimator:
                 p.grad = cast(grad, p.dtype)
             else:
                 p.grad.add_(grad)
+        return estimate
+
+    def _sharded_estimate(self, sharded: Sharding, closure, seed: int, reduce: Reduce) -> Estimate:
+        """The estimate on FSDP2-sharded parameters: the derivatives from a forward pass over
+        the gathered layers, each ``.grad`` a DTensor holding this rank's rows of the estimate.
+        Only estimators formed from K directional derivatives and their tangents qualify."""
+        if getattr(self.estimator, "reduces_gradients", True) or not all(
+                callable(getattr(self.estimator, m, None)) for m in ("tangents", "derivatives")):
+            raise UnsupportedShardingError(
+                f"estimator {self.options['estimator']!r} forms its estimate from more than K "
+                "directional derivatives and their tangents (whole tangents, gradients or "
+                "examples of each rank), which FSDP2-sharded parameters do not allow: use "
+                "estimator='weight' or 'spsa', or train unsharded."
+            )
+        K = self.num_directions
+        result = sharded.derivatives(self.estimator, closure, self.sampler, K, seed)
+        estimate = estimate_from_derivatives(result, sharded.local_tangents(self.sampler, K, seed), reduce)
+        estimate.grads = [sharded.as_grad(i, grad) for i, grad in enumerate(estimate.grads)]
         return estimate
 
     def state_dict(self) -> dict:

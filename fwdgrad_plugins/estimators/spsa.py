@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad_plugins.distributed.fsdp import refuse_sharded
 from fwdgrad_plugins.engine.closure_context import kv_cache_off
 from fwdgrad_plugins.engine.forward_mode import (
     _BACKWARD_FUNCTIONS,
@@ -164,6 +165,7 @@ class SimultaneousPerturbation:
         """The mean loss of the 2K passes and the K finite-difference derivatives."""
         if not params:
             raise ParametersNotUsedError("no parameters to perturb: pass the model's trainable parameters.")
+        refuse_sharded(params, "the SPSA estimator's derivatives")  # FSDP computes with gathered tensors
         devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
         rng_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in devices]

@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from fwdgrad_plugins.distributed.accelerate_fsdp import warn_if_fsdp_ignored
 from fwdgrad_plugins.estimators.core import ForwardGradientEstimator
 from fwdgrad_plugins.optim import ForwardSGD
 
@@ -221,6 +222,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
     if method == "fwdgrad" and estimator is None and forward_sgd is None:
         estimator = ForwardGradientEstimator()
     _check(method, options, train_loader, estimator, forward_sgd)
+    warn_if_fsdp_ignored(accelerator)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     network = accelerator.unwrap_model(model)  # forward mode runs outside DDP
     progress = TrainingProgress(method=method)

@@ -256,7 +256,10 @@ class FwdGradTrainer(Trainer):
         self._derivative_stats = _DerivativeStats()
 
     def _check_supported_setup(self) -> None:
+        from fwdgrad_plugins.distributed.accelerate_fsdp import warn_if_fsdp_ignored
         from fwdgrad_plugins.integrations.torch_optim import ForwardGradient
+
+        warn_if_fsdp_ignored(self.accelerator)
 
         unsupported = [name for name, on in (
             ("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),

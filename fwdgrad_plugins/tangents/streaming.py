@@ -98,6 +98,17 @@ class CounterStream(TangentStream):
             return self._values(index, 0, k, 1)[0], self._values(index, 1, k, 1)[0]
         return self._values(index, 0, k, 1)[0]
 
+    def draw_rows(self, index: int, k: int, start: int, stop: int) -> Direction:
+        """Rows ``start .. stop - 1`` (along dimension 0) of ``draw(index, k)``, drawn alone:
+        the rows of a parameter's shard (a rank-one tangent's u rows, and all of w)."""
+        shapes = self._pieces[index]
+        param = self.params[index]
+        offset = self._starts[index] + k * math.prod(shapes[0]) + start * math.prod(shapes[0][1:])
+        count = (stop - start) * math.prod(shapes[0][1:])
+        rows = cast(self._draw(self.seed, offset, count, param.device), param.dtype)
+        rows = rows.view(stop - start, *shapes[0][1:])
+        return (rows, self._values(index, 1, k, 1)[0]) if len(shapes) == 2 else rows
+
     def draw_all(self, index: int) -> Tangent:
         K = self.num_directions
         if len(self._pieces[index]) == 2:
