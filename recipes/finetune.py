@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tasks module beside this file
+from finetune_report import markdown, plot  # noqa: E402
 from finetune_tasks import TASKS, MnistTransfer  # noqa: E402
 
 from fwdgrad_plugins import ForwardGradient  # noqa: E402
@@ -62,6 +62,7 @@ METHODS = {
     "fg-k64": Method("weight", num_directions=64, lr=3e-4),
     "blockwise-k8": Method("blockwise-parameter", num_directions=8, lr=3e-4),
     "per-example-span": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}),
+    "per-example-span-1": Method("weight-per-example-span", lr=3e-3),  # one pass per step
     "activity": Method("activity", lr=3e-4),
     "backprop-head": Method(lr=1e-3, params="head"),
     "spsa-head": Method("spsa", optimizer="sgd", lr=1e-2, params="head", options={"epsilon": 1e-3}),
@@ -72,7 +73,12 @@ RECOMMENDED = {  # (task, --params): the configuration docs/finetuning.md recomm
     ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "blockwise-k8",
     ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "blockwise-k8",
 }
-TASK_LRS = {  # (task, method): lr where a task's best differs from METHODS'
+TASK_LRS = {  # (task, method): lr where a task's differs from METHODS' (LoRA adapters take larger steps)
+    **{(task, "backprop" + suffix): 3e-3 for task in ("lm-domain", "prompt-classification") for suffix in ("", "-ckpt")},
+    **{(task, "spsa"): 1e-3 for task in ("lm-domain", "prompt-classification")},
+    **{(task, "spsa-adam"): 1e-3 for task in ("lm-domain", "prompt-classification")},
+    **{(task, "fg-adam"): 1e-3 for task in ("lm-domain", "prompt-classification")},
+    **{(task, "blockwise-k8"): 3e-3 for task in ("lm-domain", "prompt-classification")},
 }
 
 
@@ -237,53 +243,6 @@ def fine_tune(task, pretrained, name: str, method: Method, seed: int, args) -> d
             "curve": curve, "steps": steps, "diverged": diverged}
 
 
-# ---- reading the curves ------------------------------------------------------------------------------
-
-
-def at(curve, axis: int, budget: float) -> float:
-    """The metric of the last evaluation made within ``budget`` on ``axis`` (0: passes, 1: seconds)."""
-    return [point[2] for point in curve if point[axis] <= budget + 1e-9][-1]
-
-
-def summary(results: dict) -> list[dict]:
-    """Per method: mean final metric, metric at the smallest common budget of passes and of
-    seconds, mean peak memory, ms per forward pass, time per step."""
-    methods = results["methods"]
-    runs = {m: list(v["seeds"].values()) for m, v in methods.items()}
-    equal_passes = min(r["forward_passes"] for rs in runs.values() for r in rs)
-    equal_seconds = min(r["seconds"] for rs in runs.values() for r in rs)
-    rows = []
-    for m, rs in runs.items():
-        rows.append({
-            "method": m, "config": methods[m]["config"],
-            "start": statistics.mean(r["curve"][0][2] for r in rs),
-            "final": statistics.mean(r["final"] for r in rs),
-            "finals": [r["final"] for r in rs],
-            "at_equal_passes": statistics.mean(at(r["curve"], 0, equal_passes) for r in rs),
-            "at_equal_seconds": statistics.mean(at(r["curve"], 1, equal_seconds) for r in rs),
-            "forward_passes": statistics.mean(r["forward_passes"] for r in rs),
-            "seconds": statistics.mean(r["seconds"] for r in rs),
-            "ms_per_step": statistics.median(1000 * r["seconds"] / max(r["steps"], 1) for r in rs),
-            "peak_mb": statistics.mean(r["peak_mb"] for r in rs),
-        })
-    return rows, equal_passes, equal_seconds
-
-
-def markdown(results: dict) -> str:
-    rows, passes, seconds = summary(results)
-    metric = results["metric"]
-    lines = [f"{results['task']} ({metric}, {'higher' if results['higher_is_better'] else 'lower'} is better; "
-             f"mean of seeds {', '.join(results['seeds'])}; start {rows[0]['start']:.3f})", "",
-             f"| method | configuration | final (per seed) | at {passes} forward passes | at {seconds:.1f} s | "
-             "forward passes | seconds | ms/step | peak MB above resting |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['config']} | {r['final']:.3f} ({', '.join(f'{v:.2f}' for v in r['finals'])}) | "
-                     f"{r['at_equal_passes']:.3f} | {r['at_equal_seconds']:.3f} | {r['forward_passes']:.0f} | "
-                     f"{r['seconds']:.1f} | {r['ms_per_step']:.1f} | {r['peak_mb']:.1f} |")
-    return "\n".join(lines)
-
-
 def describe(method: Method) -> str:
     if method.estimator is None:
         return f"backprop{' + checkpointing' if method.checkpointing else ''}, {method.optimizer} lr {method.lr:g}, {method.params}"
@@ -291,30 +250,6 @@ def describe(method: Method) -> str:
     return (f"{method.estimator} K={method.num_directions} {method.tangents}{options}, "
             f"{method.optimizer} lr {method.lr:g}, {method.params}")
 
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    for colour, (name, method) in enumerate(results["methods"].items()):
-        for i, run in enumerate(method["seeds"].values()):
-            passes, seconds, metric = zip(*run["curve"])
-            axes[0].plot(passes, metric, color=f"C{colour % 10}", alpha=0.8, label=name if i == 0 else None)
-            axes[1].plot(seconds, metric, color=f"C{colour % 10}", alpha=0.8)
-    for ax, label in zip(axes, ("forward passes", "training seconds")):
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(results["metric"])
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Fine-tuning, {results['task']} ({results['params']}, {results['dtype']}): "
-                 f"{results['metric']} per method, one line per seed")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -379,6 +314,8 @@ def main(argv=None) -> dict:
                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
                "command": "python recipes/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "methods": {}}
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     for name in args.method_names:
         method = method_config(name, args.task, args.params, args.lr_overrides)
         entry = results["methods"].setdefault(name, {"config": describe(method), "seeds": {}})
@@ -387,9 +324,7 @@ def main(argv=None) -> dict:
             entry["seeds"][str(seed)] = run
             log.info("%s seed %d: %s %.3f -> %.3f in %d forward passes, %.1f s, peak %.1f MB", name, seed,
                      task.metric, run["curve"][0][2], run["final"], run["forward_passes"], run["seconds"], run["peak_mb"])
-    folder = Path(args.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results, indent=1))
+            (folder / "results.json").write_text(json.dumps(results, indent=1))  # after every run
     table = markdown(results)
     (folder / "results.md").write_text(table + "\n")
     plot(results, folder / f"{args.task}.png")
