@@ -70,8 +70,8 @@ METHODS = {
 }
 RECOMMENDED = {  # (task, --params): the configuration docs/finetuning.md recommends
     ("mnist-transfer", "full"): "per-example-span", ("mnist-transfer", "head"): "fg-head-k16",
-    ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "blockwise-k8",
-    ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "blockwise-k8",
+    ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "fg-adam",
+    ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "fg-adam",
 }
 TASK_LRS = {  # (task, method): lr where a task's differs from METHODS' (LoRA adapters take larger steps)
     **{(task, "backprop" + suffix): 3e-3 for task in ("lm-domain", "prompt-classification") for suffix in ("", "-ckpt")},

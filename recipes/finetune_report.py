@@ -133,7 +133,7 @@ def targets(results: dict, recommended: str = "recommended") -> list[str]:
                      f"backprop reaches it in {t_bp:.1f} s, recommended in {t_fg:.1f} s ({ratio:.1f}x; "
                      f"{share:.0%} of backprop's improvement at its last evaluation): "
                      f"**{'met' if ratio <= 30 else 'missed'}**")
-        if "accuracy" in results["metric"]:
+        if results["task"] == "prompt-classification":
             gap = bp_final - statistics.mean(r["final"] for r in rec)
             lines.append(f"- final accuracy {bp_final - gap:.2f} against backprop's {bp_final:.2f} ({gap:.2f} points "
                          f"behind): **{'met' if gap <= 3 else 'missed'}** for 'within 3 points'")
