@@ -178,10 +178,11 @@ class MnistTransfer(Task):
 
     def loss(self, model, batch) -> torch.Tensor:
         images, labels = batch
-        return F.cross_entropy(model(images), labels)
+        return F.cross_entropy(model(images).float(), labels)
 
     def metric_of(self, model) -> float:
         images, labels = self.data["eval"]
+        images = images.to(next(model.parameters()).dtype)  # bfloat16 runs
         predictions = torch.cat([model(images[i:i + 500]).argmax(-1) for i in range(0, len(images), 500)])
         return 100.0 * (predictions == labels).float().mean().item()
 
