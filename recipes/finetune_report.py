@@ -129,10 +129,10 @@ def targets(results: dict, recommended: str = "recommended") -> list[str]:
         t_fg = statistics.mean(first_reaching(r["curve"], threshold, higher) for r in rec)
         share = (statistics.mean(r["final"] for r in rec) - start) / (bp_final - start)
         ratio = t_fg / t_bp if t_bp > 0 else float("inf")
-        reached = f"in {t_fg:.1f} s ({ratio:.1f}x" if t_fg < float("inf") else "not within its budget ("
+        reached = f"in {t_fg:.1f} s, {ratio:.1f}x" if t_fg < float("inf") else "not within its budget"
         lines.append(f"- 90 % of backprop's improvement ({start:.3f} -> {threshold:.3f}; backprop ends at {bp_final:.3f}): "
-                     f"backprop reaches it in {t_bp:.1f} s, {recommended} {reached}; "
-                     f"{share:.0%} of backprop's improvement at its last evaluation): "
+                     f"backprop reaches it in {t_bp:.1f} s, {recommended} {reached} "
+                     f"({share:.0%} of backprop's improvement at its last evaluation): "
                      f"**{'met' if ratio <= 30 else 'missed'}**")
         if results["task"] == "prompt-classification":
             gap = bp_final - statistics.mean(r["final"] for r in rec)
