@@ -1,11 +1,11 @@
-"""Reading ``recipes/finetune.py``'s results: the table, the plots, and the targets.
+"""Reading recipes/finetune.py's results: the table, the plots, and the targets.
 
     python recipes/finetune_report.py runs/finetune/*/results.json
 
 prints each run's table and the targets: the recommended forward-gradient configuration
 against SPSA at equal forward passes and seconds (and its memory over SPSA's), the share of
 backprop's improvement it reaches and the time it takes against backprop's, and for
-bfloat16 runs (``--dtype bfloat16``) the share of the float32 run's improvement kept.
+bfloat16 runs (--dtype bfloat16) the share of the float32 run's improvement kept.
 """
 
 from __future__ import annotations
