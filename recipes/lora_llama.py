@@ -2,7 +2,7 @@
 # variants (fwdgrad_plugins/estimators/blockwise.py) against backprop, at equal steps and equal time.
 #
 #   python recipes/lora_llama.py --methods backprop,weight,weight-k4,blockwise --steps 300 \
-#       --seeds 0,1,2 --output-dir runs/lora --plot docs/variance/lora.png
+#       --seeds 0,1,2 --output-dir runs/lora --plot runs/lora/lora.png
 #
 # The best here, blockwise-k32 (32 directions per adapter tensor, each perturbing that tensor
 # alone: estimator "blockwise-parameter"), closes more than half of the gap between FG-W K = 1
