@@ -267,11 +267,14 @@ class FwdGradTrainer(Trainer):
             (f"DataParallel over {self.args.n_gpu} GPUs", self.args.n_gpu > 1),
         ) if on]
         if unsupported:
+            sharded = ("; for a model sharded with FSDP2, train in your own loop with fully_shard and "
+                       "ForwardSGD or ForwardGradient under torchrun (docs/distributed.md)"
+                       if self.is_fsdp_enabled else "")
             raise ValueError(
-                f"optim='fwdgrad' does not support {' or '.join(unsupported)}: forward-gradient "
-                "training keeps every parameter whole on each process and calls the unwrapped model. "
-                "Use data parallelism with one process per device: `accelerate launch --multi_gpu "
-                "--num_processes N script.py ...` (add --use_cpu without GPUs)."
+                f"FwdGradTrainer (optim='fwdgrad') does not support {' or '.join(unsupported)}: it keeps "
+                "every parameter whole on each process and calls the unwrapped model. Use data "
+                "parallelism with one process per device: `accelerate launch --multi_gpu "
+                f"--num_processes N script.py ...` (add --use_cpu without GPUs){sharded}."
             )
         if isinstance(self.optimizer, ForwardGradient):
             raise ValueError(

@@ -332,3 +332,14 @@ if __name__ == "__main__":  # one process of test_two_processes_...
     assert args.world_size == 2, args.world_size
     torch.save(params, Path(sys.argv[1]) / f"rank{args.process_index}.pt")
     torch.distributed.destroy_process_group()  # leave no gloo thread running at exit
+
+
+def test_a_sharded_or_deepspeed_setup_is_refused_naming_the_sharded_route(tmp_path):
+    trainer = FwdGradTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=classification_data())
+    trainer.is_fsdp_enabled = True  # as Accelerate's FSDP plugin sets it on GPUs
+    with pytest.raises(ValueError, match=r"does not support FSDP.*fully_shard.*docs/distributed.md"):
+        trainer._check_supported_setup()
+    trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = False, True
+    with pytest.raises(ValueError, match=r"does not support DeepSpeed.*--multi_gpu") as refused:
+        trainer._check_supported_setup()
+    assert "fully_shard" not in str(refused.value)
