@@ -119,6 +119,11 @@ class FwdGradTrainingArguments(TrainingArguments):
     fwdgrad_estimator: str = field(
         default="weight", metadata=_help("Forward gradient: registered gradient estimator ('weight' is the paper's FG-W).")
     )
+    fwdgrad_estimator_options: Optional[str] = field(
+        default=None, metadata=_help("Forward gradient: the estimator's keyword options as a JSON object, "
+                                     "e.g. '{\"blocks\": \"parameter\"}' for weight-per-example-span-blockwise "
+                                     "or '{\"epsilon\": 1e-3}' for spsa.")
+    )
     fwdgrad_seed: Optional[int] = field(
         default=None, metadata=_help("Forward gradient: seed of the tangents (default: --seed). Every "
                                      "process uses the same one, so tangents are shared without communication.")
@@ -150,6 +155,22 @@ class FwdGradTrainingArguments(TrainingArguments):
             self.optim = FWDGRAD
 
     @property
+    def estimator_options(self) -> dict:
+        """``--fwdgrad_estimator_options`` read as keyword arguments (``{}`` when not given)."""
+        if self.fwdgrad_estimator_options in (None, ""):
+            return {}
+        if isinstance(self.fwdgrad_estimator_options, dict):
+            return dict(self.fwdgrad_estimator_options)
+        try:
+            options = json.loads(self.fwdgrad_estimator_options)
+        except json.JSONDecodeError as error:
+            options = error
+        if not isinstance(options, dict):
+            raise ValueError(f"--fwdgrad_estimator_options must be a JSON object such as "
+                             f"'{{\"blocks\": \"parameter\"}}', got {self.fwdgrad_estimator_options!r}.")
+        return options
+
+    @property
     def forward_gradient(self) -> bool:
         """True when training runs with forward gradients (``optim="fwdgrad"``)."""
         return self.optim == FWDGRAD
@@ -166,6 +187,12 @@ class FwdGradTrainingArguments(TrainingArguments):
                 plugins.get(kind, getattr(self, option))
             except plugins.UnknownNameError as error:
                 raise ValueError(f"--{option}: {error}") from None
+        options = self.estimator_options
+        try:
+            estimator = plugins.get("estimators", self.fwdgrad_estimator)(**options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--fwdgrad_estimator_options {json.dumps(options)} do not fit --fwdgrad_estimator "
+                             f"{self.fwdgrad_estimator}: {error}") from None
         inner = str(getattr(self.fwdgrad_inner_optim, "value", self.fwdgrad_inner_optim))
         known = {name.value for name in OptimizerNames} | {FORWARD_SGD}
         if inner not in known or inner in _INNER_OPTIMIZERS_NEEDING_BACKWARD:
@@ -174,7 +201,7 @@ class FwdGradTrainingArguments(TrainingArguments):
             usable = ", ".join(sorted(known - _INNER_OPTIMIZERS_NEEDING_BACKWARD))
             raise ValueError(f"--fwdgrad_inner_optim {inner!r} {why}: choose one of {usable}.")
         if inner == FORWARD_SGD:
-            if not applies_without_grad(plugins.get("estimators", self.fwdgrad_estimator)()):
+            if not applies_without_grad(estimator):
                 raise ValueError(
                     f"--fwdgrad_estimator {self.fwdgrad_estimator} {NEEDS_GRAD} (--fwdgrad_inner_optim "
                     "forward_sgd): pass --fwdgrad_inner_optim sgd (or another optimizer that steps from "
@@ -184,7 +211,7 @@ class FwdGradTrainingArguments(TrainingArguments):
     def _warn_if_fwdgrad_options_unused(self) -> None:
         defaults = type(self).__dataclass_fields__
         changed = [name for name in ("fwdgrad_num_directions", "fwdgrad_tangents", "fwdgrad_estimator",
-                                     "fwdgrad_inner_optim")
+                                     "fwdgrad_estimator_options", "fwdgrad_inner_optim")
                    if getattr(self, name) != defaults[name].default]
         if changed:
             warnings.warn(
@@ -252,6 +279,7 @@ class FwdGradTrainer(Trainer):
             self.forward_gradient = ForwardGradientEstimator(
                 estimator=self.args.fwdgrad_estimator, tangents=self.args.fwdgrad_tangents,
                 num_directions=self.args.fwdgrad_num_directions, seed=self.args.fwdgrad_seed,
+                estimator_options=self.args.estimator_options,
             )
         self._derivative_stats = _DerivativeStats()
 
@@ -302,7 +330,8 @@ class FwdGradTrainer(Trainer):
         if getattr(args, "forward_gradient", False) and args.fwdgrad_inner_optim == FORWARD_SGD:
             return ForwardSGD, {"lr": args.learning_rate, "num_directions": args.fwdgrad_num_directions,
                                 "tangents": args.fwdgrad_tangents, "seed": args.fwdgrad_seed,
-                                "estimator": args.fwdgrad_estimator}
+                                "estimator": args.fwdgrad_estimator,
+                                "estimator_options": args.estimator_options or None}
         if getattr(args, "forward_gradient", False):
             args = copy.copy(args)  # a shallow view; __post_init__ does not run again
             args.optim = OptimizerNames(args.fwdgrad_inner_optim)

@@ -343,3 +343,17 @@ def test_a_sharded_or_deepspeed_setup_is_refused_naming_the_sharded_route(tmp_pa
     with pytest.raises(ValueError, match=r"does not support DeepSpeed.*--multi_gpu") as refused:
         trainer._check_supported_setup()
     assert "fully_shard" not in str(refused.value)
+
+
+def test_estimator_options_reach_the_estimator_and_bad_ones_fail_while_parsing(tmp_path):
+    parser = HfArgumentParser(FwdGradTrainingArguments)
+    flags = ["--output_dir", str(tmp_path), "--optim", "fwdgrad", "--use_cpu", "--max_steps", "1",
+             "--report_to", "none", "--fwdgrad_estimator", "weight-per-example-span-blockwise"]
+    (args,) = parser.parse_args_into_dataclasses(flags + ["--fwdgrad_estimator_options", '{"blocks": "parameter"}'])
+    trainer = FwdGradTrainer(model=tiny_bert(dropout=0.0), args=args, train_dataset=classification_data())
+    assert trainer.forward_gradient.estimator.blocks == "parameter"
+    trainer.train()
+    for bad, message in (('{"block": "parameter"}', "do not fit.*unexpected keyword argument 'block'"),
+                         ("blocks=parameter", "must be a JSON object")):
+        with pytest.raises(ValueError, match=message):
+            parser.parse_args_into_dataclasses(flags + ["--fwdgrad_estimator_options", bad])
