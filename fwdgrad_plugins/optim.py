@@ -37,19 +37,19 @@ from torch import Tensor
 from fwdgrad_plugins import plugins
 from fwdgrad_plugins.distributed.fsdp import sharding
 from fwdgrad_plugins.errors import NonFiniteDirectionalDerivativeError
-from fwdgrad_plugins.estimators.core import Estimate, Reduce, check_finite, trainable_parameters
+from fwdgrad_plugins.estimators.core import (
+    Estimate,
+    Reduce,
+    applies_without_grad,
+    check_finite,
+    trainable_parameters,
+)
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
 from fwdgrad_plugins.tangents.streaming import combination, is_streamed, tangent_stream
 
 
 NEEDS_GRAD = ("forms its estimate from more than directional derivatives and tangents, so ForwardSGD "
               "cannot apply it without .grad")
-
-
-def applies_without_grad(estimator) -> bool:
-    """Whether ForwardSGD can apply ``estimator`` (an estimator object): it must give its
-    tangents and directional derivatives apart, so the update can redraw the tangents."""
-    return all(callable(getattr(estimator, method, None)) for method in ("tangents", "derivatives"))
 
 
 class ForwardSGD(torch.optim.Optimizer):

@@ -76,6 +76,13 @@ def trainable_parameters(params: Iterable[Tensor]) -> list[Tensor]:
     return list(unique.values())
 
 
+def applies_without_grad(estimator) -> bool:
+    """Whether ``estimator`` (an estimator object) can be applied without ``.grad``
+    (``ForwardSGD``, sharded parameters): it must give its tangents and directional
+    derivatives apart, so the update can redraw the tangents."""
+    return all(callable(getattr(estimator, method, None)) for method in ("tangents", "derivatives"))
+
+
 class ForwardGradientEstimator:
     """Forward-gradient ``backward()``: runs a loss closure in forward mode and accumulates
     the gradient estimate into ``.grad``, like ``loss.backward()`` would.
@@ -147,8 +154,7 @@ class ForwardGradientEstimator:
         """The estimate on FSDP2-sharded parameters: the derivatives from a forward pass over
         the gathered layers, each ``.grad`` a DTensor holding this rank's rows of the estimate.
         Only estimators formed from K directional derivatives and their tangents qualify."""
-        if getattr(self.estimator, "reduces_gradients", True) or not all(
-                callable(getattr(self.estimator, m, None)) for m in ("tangents", "derivatives")):
+        if getattr(self.estimator, "reduces_gradients", True) or not applies_without_grad(self.estimator):
             raise UnsupportedShardingError(
                 f"estimator {self.options['estimator']!r} forms its estimate from more than K "
                 "directional derivatives and their tangents (whole tangents, gradients or "
