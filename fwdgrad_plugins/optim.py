@@ -45,7 +45,7 @@ from fwdgrad_plugins.estimators.core import (
     trainable_parameters,
 )
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
-from fwdgrad_plugins.tangents.streaming import combination, is_streamed, tangent_stream
+from fwdgrad_plugins.tangents.streaming import CounterStream, combination, is_streamed, tangent_stream
 
 
 NEEDS_GRAD = ("forms its estimate from more than directional derivatives and tangents, so ForwardSGD "
@@ -239,6 +239,12 @@ def _one_pass_update(p: Tensor, index: int, lr: float, tangents, coefficients: T
         return True
     if rows[index]:
         return False
+    blocks = tangents.row_blocks(index) if isinstance(tangents, CounterStream) else None
+    if blocks is not None:  # a large tangent (an embedding), a block of rows at a time
+        for start, stop in blocks:
+            direction = tangents.draw_rows(index, 0, start, stop)
+            p[start:stop].addcmul_(direction, coefficients[0].to(direction.dtype), value=-lr)
+        return True
     direction = tangents.draw(index, 0)
     if isinstance(direction, tuple):
         return False

@@ -60,6 +60,14 @@ _BACKWARD_FUNCTIONS = (Tensor.backward, torch.autograd.backward, torch.autograd.
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _PRODUCTS = (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)
 _QUOTIENTS = (Tensor.__truediv__, Tensor.div, torch.div)
+_NARROWS = (Tensor.narrow, torch.narrow)
+# What a tensor's metadata answers, the same for a parameter and its dual: a parameter read
+# this way is neither perturbed (no tangent drawn) nor counted as used.
+_METADATA = frozenset({
+    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
+    Tensor.layout.__get__, Tensor.requires_grad.__get__, Tensor.dim, Tensor.size, Tensor.numel,
+    Tensor.is_floating_point, Tensor.element_size,
+})
 _MISSING_RULE_HINTS = ("forward AD", "forward-mode", "forward mode", "jvp")
 
 
@@ -123,12 +131,16 @@ class _PerturbParameters(TorchFunctionMode):
                 "gradient estimate itself: return the loss from the closure without calling "
                 "loss.backward() or torch.autograd.grad."
             )
+        if func in _METADATA:
+            return func(*args, **kwargs)
         if func is F.linear:
             return self._linear(*args, **kwargs)
         if func is torch.addmm:
             return self._addmm(*args, **kwargs)
         if func is F.embedding:
             return self._embedding(*args, **kwargs)
+        if func in _NARROWS and self._row_blocks(args[0]) is not None:
+            return self._narrow(*args, **kwargs)
         if func in _CONVOLUTIONS:
             return self._convolution(func, *args, **kwargs)
         if self.freeze_running_stats:
@@ -157,11 +169,16 @@ class _PerturbParameters(TorchFunctionMode):
         Autograd never updates the padding row, but torch's forward-mode rule differentiates
         through it: that row gets no tangent, and is recorded so the estimate leaves it alone."""
         key = id(weight)
-        tangent = self.tangents.get(key)
+        blocks = self._row_blocks(weight)
+        tangent = None if blocks is not None else self.tangents.get(key)
         padding_row = None
-        if padding_idx is not None and (key in self.perturbed or tangent is not None):
+        if padding_idx is not None and (key in self.perturbed or tangent is not None or blocks is not None):
             padding_row = padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
             self.padding_rows.setdefault(key, set()).add(padding_row)
+        if blocks is not None and max_norm is None:  # a large streamed table: only the rows looked up
+            self.used.add(key)
+            out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
+            return fwAD.make_dual(out, self._looked_up_rows(input, key, blocks, padding_row, out))
         if isinstance(tangent, tuple) and max_norm is None:  # max_norm renormalises rows in place
             self.used.add(key)
             out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
@@ -172,15 +189,69 @@ class _PerturbParameters(TorchFunctionMode):
             weight = torch.where(is_padding, weight.detach(), self._swap(weight))
         return F.embedding(input, self._swap(weight), padding_idx, max_norm, *rest, **kwargs)
 
+    def _looked_up_rows(self, indices, key, blocks, padding_row, out):
+        """The tangent of ``F.embedding(indices, weight)`` for a streamed ``weight`` drawn by
+        rows: each block of rows that holds a looked-up index is drawn, its rows copied out,
+        and dropped, so the pass never holds the table's whole tangent."""
+        flat = indices.reshape(-1)
+        tangent = out.new_zeros(out.shape)
+        rows_out = tangent.view(flat.numel(), -1)
+        for start, stop in blocks:
+            hit = (flat >= start) & (flat < stop)
+            if padding_row is not None:
+                hit &= flat != padding_row
+            positions = hit.nonzero().squeeze(1)
+            if positions.numel():
+                rows = self.tangents.rows(key, start, stop)
+                rows_out[positions] = cast(rows[flat[positions] - start], out.dtype)
+        return tangent
+
+    def _narrow(self, value, dim, start, length):
+        """``value.narrow(dim, start, length)`` of a streamed parameter drawn by rows: along
+        dimension 0 the dual carries only those rows of the tangent, drawn alone (an LM head
+        applied a block of the vocabulary at a time)."""
+        dim = dim + value.dim() if dim < 0 else dim
+        if dim != 0:
+            return torch.narrow(self._swap(value), dim, start, length)
+        self.used.add(id(value))
+        rows = self.tangents.rows(id(value), int(start), int(start) + int(length))
+        return fwAD.make_dual(value.narrow(0, start, length), _own_storage(rows))
+
     def _linear(self, input, weight, bias=None):
         if weight.dim() != 2:  # a 1-D weight (never rank-one): forward AD's own rule
             return F.linear(input, self._swap(weight), self._swap(bias) if bias is not None else None)
         x, x_t = fwAD.unpack_dual(input)
+        blocks = self._row_blocks(weight)
+        if blocks is not None:
+            return self._linear_by_rows(x, x_t, weight, bias, blocks)
         w_p, w_t = self._primal_and_tangent(weight)
         b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
         out = F.linear(x, w_p, b_p)
         tangent = _linear_tangent(x, x_t, w_p, w_t, self._factors(weight), b_t, out.dtype, self.dual_tensors)
         return out if tangent is None else fwAD.make_dual(out, tangent)
+
+    def _linear_by_rows(self, x, x_t, weight, bias, blocks):
+        """``F.linear`` with a streamed weight drawn by rows (an LM head tied to a large
+        embedding): the x W_tᵀ term is added a block of output features at a time, each
+        block of the weight's tangent drawn, used and dropped."""
+        b_p, b_t = self._primal_and_tangent(bias) if bias is not None else (None, None)
+        out = F.linear(x, weight, b_p)
+        tangent = _linear_tangent(x, x_t, weight, None, None, b_t, out.dtype, self.dual_tensors)
+        tangent = out.new_zeros(out.shape) if tangent is None else tangent
+        columns = tangent.view(-1, out.shape[-1])
+        inputs = _rows(cast(x, out.dtype))
+        for start, stop in blocks:
+            rows = cast(self.tangents.rows(id(weight), start, stop), out.dtype)
+            columns[:, start:stop].addmm_(inputs, rows.t())
+        self.used.add(id(weight))
+        return fwAD.make_dual(out, tangent)
+
+    def _row_blocks(self, value):
+        """The row ranges in which a streamed parameter's tangent is drawn, where it is large
+        enough to be drawn a block of rows at a time; None otherwise."""
+        if not isinstance(self.tangents, LazyDirection) or not isinstance(value, Tensor):
+            return None
+        return self.tangents.row_blocks(id(value)) if id(value) in self.tangents else None
 
     def _convolution(self, conv, input, weight, bias=None, *options, **named_options):
         """``F.conv1d/2d/3d``: the tangent conv(x_t, W) + conv(x, W_t) + b_t, with only the
@@ -233,8 +304,19 @@ class _PerturbParameters(TorchFunctionMode):
             args = (self._swap(input), self._swap(mat1), self._swap(mat2))
             return torch.addmm(*args, beta=beta, alpha=alpha, **({} if out is None else {"out": out}))
         x, x_t = fwAD.unpack_dual(self._swap(mat1))
-        w_p, w_t = self._primal_and_tangent(mat2)
         b_p, b_t = self._primal_and_tangent(input)
+        blocks = self._row_blocks(mat2)
+        if blocks is not None:  # W's rows are its inputs: x W_t = Σ_blocks x[:, rows] W_t[rows]
+            result = torch.addmm(b_p, x, mat2)
+            tangent = _linear_tangent(x, x_t, mat2.t(), None, None, b_t, result.dtype, self.dual_tensors)
+            tangent = result.new_zeros(result.shape) if tangent is None else tangent
+            inputs = cast(x, result.dtype)
+            for start, stop in blocks:
+                rows = cast(self.tangents.rows(id(mat2), start, stop), result.dtype)
+                tangent.addmm_(inputs[:, start:stop], rows)
+            self.used.add(id(mat2))
+            return fwAD.make_dual(result, tangent)
+        w_p, w_t = self._primal_and_tangent(mat2)
         factors = self._factors(mat2)
         result = torch.addmm(b_p, x, w_p)
         tangent = _linear_tangent(x, x_t, w_p.t(), None if w_t is None else w_t.t(),

@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from torch import Tensor
 from fwdgrad_plugins.tangents.tangent import RankOne, Tangent, accepts_workspace, cast, combine
 
 Direction = Union[Tensor, tuple]  # one direction of one parameter: dense, or (u, w) for u wᵀ
+
+ROWS_ALONE_MIN = 1 << 22  # values: a larger dense tangent is drawn a block of rows at a time
+ROW_BLOCK = 1 << 20  # values per block of rows (4 MiB in float32)
 
 
 class TangentStream:
@@ -109,6 +112,18 @@ class CounterStream(TangentStream):
         rows = rows.view(stop - start, *shapes[0][1:])
         return (rows, self._values(index, 1, k, 1)[0]) if len(shapes) == 2 else rows
 
+    def row_blocks(self, index: int) -> Optional[list[tuple[int, int]]]:
+        """``(start, stop)`` row ranges of about ``ROW_BLOCK`` values covering parameter
+        ``index``, for a dense tangent of more than ``ROWS_ALONE_MIN`` values (an embedding, an
+        LM head), which the engine and the update then draw a block at a time; None for a
+        smaller or rank-one one (drawn whole). Blocks hold a multiple of 128 rows."""
+        shapes = self._pieces[index]
+        if len(shapes) != 1 or len(shapes[0]) < 2 or math.prod(shapes[0]) <= ROWS_ALONE_MIN:
+            return None
+        rows = shapes[0][0]
+        step = max(128, ROW_BLOCK // math.prod(shapes[0][1:]) // 128 * 128)
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
     def draw_all(self, index: int) -> Tangent:
         K = self.num_directions
         if len(self._pieces[index]) == 2:
@@ -175,6 +190,17 @@ class LazyDirection(collections.abc.Mapping):
     def release(self) -> None:
         """Drop the kept tangents."""
         self._recent.clear()
+
+    def row_blocks(self, key: int) -> Optional[list[tuple[int, int]]]:
+        """The row ranges in which parameter ``key``'s tangent is drawn, or None where it is
+        drawn whole (see :meth:`CounterStream.row_blocks`)."""
+        row_blocks = getattr(self.stream, "row_blocks", None)
+        return None if row_blocks is None else row_blocks(self._index[key])
+
+    def rows(self, key: int, start: int, stop: int) -> Direction:
+        """Rows ``start .. stop - 1`` of parameter ``key``'s tangent, drawn alone, not kept."""
+        self.draws += 1
+        return self.stream.draw_rows(self._index[key], self.k, start, stop)
 
 
 def tangent_stream(sampler, params: Sequence[Tensor], num_directions: int, seed: int,
