@@ -116,7 +116,7 @@ CLOSURES = {
     "plain": lambda model: lambda ids: model(input_ids=ids, labels=ids).loss,
     # the same loss without a KV cache (training needs none)
     "no-cache": lambda model: lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss,
-    # the same value with the head's logits in blocks of 64 tokens (fwdgrad_plugins.engine.lm_loss)
+    # the same value with the head's logits a block at a time (fwdgrad_plugins.engine.lm_loss)
     "blocked": lambda model: lambda ids: _blocked_loss(model, ids),
 }
 
@@ -124,7 +124,7 @@ CLOSURES = {
 def _blocked_loss(model, ids):
     from fwdgrad_plugins.engine.lm_loss import blocked_causal_lm_loss
 
-    return blocked_causal_lm_loss(model, ids, block_tokens=64)
+    return blocked_causal_lm_loss(model, ids)
 
 
 def make_step(method: str, model: torch.nn.Module, case: Case, closure: str = "plain") -> Callable[[torch.Tensor], float]:
@@ -204,16 +204,18 @@ def _peak(device) -> int:
 
 
 class HeadSplit:
-    """The peak before the LM head's first call in a step, and from that call to the step's
-    end (the head, the loss and, for backprop, the backward pass), on the CPU: at the head's
-    first call the peak resident set so far is read and reset."""
+    """The peak before the LM head starts in a step, and from then to the step's end (the
+    head, the loss, the update and, for backprop, the backward pass), on the CPU: when the
+    model's body (the transformer to its last hidden states) first returns in a step, the
+    peak resident set so far is read and reset. (A hook on the body rather than the head:
+    ``blocked_causal_lm_loss`` applies the head's weight a block at a time, not the module.)"""
 
     def __init__(self, model: torch.nn.Module):
         self.active, self.seen = False, False
         self.before, self.start, self.after = [], [], []
-        model.get_output_embeddings().register_forward_pre_hook(self._head)
+        model.base_model.register_forward_hook(self._head)
 
-    def _head(self, module, args):
+    def _head(self, module, args, output):
         if self.active and not self.seen:
             self.seen = True
             self.before.append(_rss_bytes("VmHWM"))

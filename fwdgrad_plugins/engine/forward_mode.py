@@ -215,7 +215,9 @@ class _PerturbParameters(TorchFunctionMode):
             return torch.narrow(self._swap(value), dim, start, length)
         self.used.add(id(value))
         rows = self.tangents.rows(id(value), int(start), int(start) + int(length))
-        return fwAD.make_dual(value.narrow(0, start, length), _own_storage(rows))
+        # The primal on a storage of its own: forward AD gives a view's whole base a tangent.
+        primal = _own_storage(value.detach().narrow(0, start, length))
+        return fwAD.make_dual(primal, _own_storage(rows))
 
     def _linear(self, input, weight, bias=None):
         if weight.dim() != 2:  # a 1-D weight (never rank-one): forward AD's own rule

@@ -49,7 +49,7 @@ from torch import Tensor
 
 LANES = 64  # counters per unit: a kernel computes whole units, stored as contiguous runs
 BLOCK = 1 << 24  # units per key: counters stay within int32
-EAGER_CHUNK = 1 << 16  # units per eager pass, to bound the temporaries
+EAGER_CHUNK = 1 << 12  # units per eager pass (512 K normals): its temporaries stay a few MiB
 OUT_PIECE = 1 << 20  # values per piece when drawing into a given buffer: 4 MB stay in the cache
 _MASK64 = (1 << 64) - 1
 
