@@ -31,18 +31,19 @@ class NoForwardRule(torch.autograd.Function):
         return grad * 2
 
 
-def setup(num_directions=1):
+def setup(num_directions=1, keep_grads=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    opt = ForwardGradient(torch.optim.Adam(model.parameters(), lr=0.1), num_directions=num_directions)
+    opt = ForwardGradient(torch.optim.Adam(model.parameters(), lr=0.1), num_directions=num_directions,
+                          keep_grads=keep_grads)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     good = lambda: F.cross_entropy(model(x), y)
-    opt.step(good)  # give the inner optimizer some state and the parameters a .grad
+    opt.step(good)  # give the inner optimizer some state (and, keeping them, the parameters a .grad)
     return model, opt, x, y
 
 
 def snapshot(model, opt):
-    return (copy.deepcopy(model.state_dict()), [p.grad.clone() for p in model.parameters()],
+    return (copy.deepcopy(model.state_dict()), [None if p.grad is None else p.grad.clone() for p in model.parameters()],
             copy.deepcopy(opt.state_dict()))
 
 
@@ -51,7 +52,7 @@ def assert_unchanged(model, opt, before):
     for key, value in model.state_dict().items():
         assert torch.equal(value, params[key]), key
     for p, g in zip(model.parameters(), grads):
-        assert torch.equal(p.grad, g)
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     after = opt.state_dict()
     assert after["forward_gradient"] == state["forward_gradient"]
     for key, value in after["optimizer"]["state"].items():
@@ -73,10 +74,11 @@ BAD_CLOSURES = {
 }
 
 
+@pytest.mark.parametrize("keep_grads", [False, True])
 @pytest.mark.parametrize("num_directions", [1, 3])
 @pytest.mark.parametrize("case", list(BAD_CLOSURES))
-def test_bad_closure_raises_and_changes_nothing(case, num_directions):
-    model, opt, x, y = setup(num_directions)
+def test_bad_closure_raises_and_changes_nothing(case, num_directions, keep_grads):
+    model, opt, x, y = setup(num_directions, keep_grads)
     make_closure, error, message = BAD_CLOSURES[case]
     before = snapshot(model, opt)
     closure = None if make_closure is None else (lambda: make_closure(model, x, y))

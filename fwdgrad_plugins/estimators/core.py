@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -59,15 +59,21 @@ def estimate_from_derivatives(result: DirectionalDerivatives, tangents: TangentS
     :class:`NonFiniteDirectionalDerivativeError`."""
     derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
     check_finite(result.loss, derivatives)
+    grads = list(parameter_estimates(result, tangents, derivatives))
+    return Estimate(result.loss, derivatives, grads)
+
+
+def parameter_estimates(result: DirectionalDerivatives, tangents: TangentStream,
+                        derivatives: Tensor) -> Iterator[Optional[Tensor]]:
+    """Each parameter's estimate (1/K) Σ_k d_k v_k in turn (None for one the closure did not
+    use), formed when asked for: a consumer that drops each one holds one at a time."""
     num_directions = tangents.num_directions
     coefficients = derivatives / num_directions if num_directions > 1 else derivatives
-    grads = []
     for index, (used, rows) in enumerate(zip(result.used, result.frozen_rows)):
         grad = combination(tangents, index, coefficients) if used else None
         if rows:
             grad[rows] = 0  # e.g. an embedding's padding row, which autograd never updates
-        grads.append(grad)
-    return Estimate(result.loss, derivatives, grads)
+        yield grad
 
 
 def trainable_parameters(params: Iterable[Tensor]) -> list[Tensor]:
@@ -118,18 +124,35 @@ class ForwardGradientEstimator:
         return self.options["num_directions"]
 
     def backward(self, closure: Callable[[], Tensor], params: Iterable[Tensor], *,
-                 reduce: Optional[Reduce] = None) -> Estimate:
+                 reduce: Optional[Reduce] = None,
+                 consume: Optional[Callable[[list[Tensor]], None]] = None) -> Estimate:
         """Estimate the gradient of ``closure()`` and add it to each parameter's ``.grad``.
 
+        With ``consume`` (where :meth:`can_consume` allows it), the estimate is written a few
+        parameters at a time, about ``CONSUME_BYTES``, and each group of parameters is passed
+        to ``consume``, which must use and drop their ``.grad`` (``ForwardGradient`` steps the
+        inner optimizer on them): the whole estimate never exists at once, and the returned
+        ``Estimate.grads`` is empty.
+
         A non-finite directional derivative skips the update (``Estimate.skipped``), counts
-        it in ``self.skipped`` and warns; nothing is written. On any error, nothing changes.
+        it in ``self.skipped`` and warns; nothing is written. On any error in the closure,
+        nothing changes.
         """
         params = trainable_parameters(params)
         sharded = sharding(params)  # FSDP2 shards (None: none); refuses other sharding
         seed = derive_seed(self.seed, self.step)
+        if consume is not None and not self.can_consume(params):
+            raise ValueError(f"estimator {self.options['estimator']!r} cannot hand its estimate out a few "
+                             "parameters at a time here (see can_consume): call backward without consume.")
         try:
             if sharded is not None:
                 estimate = self._sharded_estimate(sharded, closure, seed, reduce or sharded.mean)
+            elif consume is not None:
+                tangents = self.estimator.tangents(self.sampler, params, self.num_directions, seed)
+                result = self.estimator.derivatives(closure, params, tangents)
+                derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
+                check_finite(result.loss, derivatives)
+                estimate = Estimate(result.loss, derivatives, [])
             else:
                 estimate = self.estimator.estimate(closure, params, sampler=self.sampler,
                                                    num_directions=self.num_directions, seed=seed, reduce=reduce)
@@ -141,6 +164,9 @@ class ForwardGradientEstimator:
             return Estimate(torch.tensor(float("nan")), torch.full((self.num_directions,), float("nan")),
                             [None] * len(params), skipped=True)
         self.step += 1
+        if consume is not None:
+            _hand_out(params, parameter_estimates(result, tangents, estimate.directional_derivatives), consume)
+            return estimate
         for p, grad in zip(params, estimate.grads):
             if grad is None:
                 continue
@@ -149,6 +175,13 @@ class ForwardGradientEstimator:
             else:
                 p.grad.add_(grad)
         return estimate
+
+    def can_consume(self, params: Sequence[Tensor]) -> bool:
+        """Whether :meth:`backward` can hand the estimate out a few parameters at a time: an
+        estimator formed from K directional derivatives and their tangents, parameters that are
+        not sharded, and no ``.grad`` to add to (every one None, as after ``zero_grad()``)."""
+        return (applies_without_grad(self.estimator) and sharding(params) is None
+                and all(p.grad is None for p in params))
 
     def _sharded_estimate(self, sharded: Sharding, closure, seed: int, reduce: Reduce) -> Estimate:
         """The estimate on FSDP2-sharded parameters: the derivatives from a forward pass over
@@ -183,3 +216,23 @@ class ForwardGradientEstimator:
         self.seed, self.step, self.skipped = int(state["seed"]), int(state["step"]), int(state["skipped"])
         if "estimator_state" in state and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(state["estimator_state"])
+
+
+CONSUME_BYTES = 32 << 20  # how much of the estimate backward(consume=...) writes before handing it out
+
+
+def _hand_out(params, grads: Iterator[Optional[Tensor]], consume) -> None:
+    """Write each parameter's estimate to its ``.grad`` and pass the parameters to ``consume``
+    about ``CONSUME_BYTES`` at a time."""
+    group, size = [], 0
+    for p, grad in zip(params, grads):
+        if grad is None:
+            continue
+        p.grad = cast(grad, p.dtype)
+        group.append(p)
+        size += p.grad.nbytes
+        if size >= CONSUME_BYTES:
+            consume(group)
+            group, size = [], 0
+    if group:
+        consume(group)

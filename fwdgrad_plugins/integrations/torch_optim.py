@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from fwdgrad_plugins.estimators.core import ForwardGradientEstimator
+from fwdgrad_plugins.estimators.core import ForwardGradientEstimator, trainable_parameters
 
 
 class ForwardGradient(torch.optim.Optimizer):
@@ -29,6 +29,15 @@ class ForwardGradient(torch.optim.Optimizer):
     ``param_groups``, ``state`` and ``defaults``: LR schedulers, step hooks and
     ``clip_grad_norm_`` work on it. To clip the estimate before the update, hook the inner
     optimizer: ``opt.optimizer.register_step_pre_hook(lambda *_: clip_grad_norm_(params, 1.0))``.
+
+    The estimate does not outlive the step: with a torch optimizer that updates each parameter
+    on its own (SGD, Adam, AdamW, ...; see ``PER_PARAMETER``), no step hooks on it, and every
+    ``.grad`` None when the step starts (as ``zero_grad()`` leaves it), the estimate is
+    written to ``.grad`` about 32 MiB at a time, the inner optimizer steps those parameters,
+    and their ``.grad`` is dropped: a step never holds a whole ``.grad``, and its updates are
+    the same, bit for bit. Otherwise (``keep_grads=True``, another optimizer, a hook that
+    clips the estimate) the whole estimate is written to ``.grad``, added to what is there,
+    and kept after the step.
 
     A non-finite directional derivative skips the update with a warning; ``skipped_steps``
     counts them. ``state_dict()`` holds the inner optimizer's state and the estimator's
@@ -46,17 +55,24 @@ class ForwardGradient(torch.optim.Optimizer):
         tangents: tangent sampler name (``fwdgrad_plugins.registered("tangent_samplers")``).
         seed: seed of the tangents.
         estimator: estimator name (``fwdgrad_plugins.registered("estimators")``).
+        keep_grads: write the whole estimate to ``.grad`` and keep it after the step.
     """
+
+    # torch optimizers whose step updates each parameter from its own gradient and state
+    PER_PARAMETER = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
+                     torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.RMSprop, torch.optim.Rprop,
+                     torch.optim.NAdam, torch.optim.RAdam, torch.optim.ASGD)
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, num_directions: int = 1,
                  tangents: str = "gaussian", seed: int = 0, estimator: str = "weight",
-                 estimator_options: Optional[dict] = None):
+                 estimator_options: Optional[dict] = None, keep_grads: bool = False):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ForwardGradient wraps a torch.optim.Optimizer, got {type(optimizer).__name__}: "
                 "pass e.g. torch.optim.SGD(model.parameters(), lr=...)."
             )
         self.optimizer = optimizer
+        self.keep_grads = keep_grads
         self.estimator = ForwardGradientEstimator(
             estimator=estimator, tangents=tangents, num_directions=num_directions, seed=seed,
             estimator_options=estimator_options,
@@ -96,10 +112,27 @@ class ForwardGradient(torch.optim.Optimizer):
                 "opt.step(lambda: loss_fn(model(x), y)), with no loss.backward()."
             )
         params = [p for group in self.param_groups for p in group["params"]]
+        if self._steps_by_parameter(params):
+            return self.estimator.backward(closure, params, consume=self._step_parameters).loss
         estimate = self.estimator.backward(closure, params)
         if not estimate.skipped:
             self.optimizer.step()
         return estimate.loss
+
+    def _steps_by_parameter(self, params) -> bool:
+        """Whether the inner optimizer can step a few parameters at a time, their estimate
+        dropped after (see the class docstring)."""
+        inner = self.optimizer
+        return (not self.keep_grads and type(inner) in self.PER_PARAMETER
+                and not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+                and self.estimator.can_consume(trainable_parameters(params)))
+
+    def _step_parameters(self, params: list[Tensor]) -> None:
+        """The inner optimizer's step on ``params``, the only ones with a ``.grad``, which is
+        then dropped."""
+        self.optimizer.step()
+        for p in params:
+            p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -403,7 +403,7 @@ def test_weight_perturbation_runs_no_backward_pass(no_backward, num_directions):
     model, closure = MODELS["cnn_batchnorm_dropout"]()
     no_backward(model)
     fwdgrad_plugins.ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.1),
-                                    num_directions=num_directions).step(closure)
+                                    num_directions=num_directions, keep_grads=True).step(closure)
     assert all(p.grad is not None for p in model.parameters())
 
 

@@ -145,7 +145,7 @@ def test_embedding_padding_row_is_never_updated():
     embedding = nn.Embedding(10, 4, padding_idx=0)
     head = nn.Linear(4, 1)
     params = list(embedding.parameters()) + list(head.parameters())
-    opt = ForwardGradient(torch.optim.SGD(params, lr=0.1), num_directions=3)
+    opt = ForwardGradient(torch.optim.SGD(params, lr=0.1), num_directions=3, keep_grads=True)
     ids = torch.tensor([[0, 1, 2], [0, 3, 0]])
     for _ in range(3):
         opt.zero_grad()
@@ -226,3 +226,71 @@ def test_a_bad_inner_state_dict_leaves_the_wrapper_unchanged():
     assert opt.estimator.state_dict() == before
     with pytest.raises(KeyError, match="opt.optimizer.load_state_dict"):
         opt.load_state_dict(opt.optimizer.state_dict())
+
+
+def three_steps(make_inner, keep_grads, num_directions, hook=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Flatten(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 3))
+    ids, y = torch.randint(0, 20, (8, 3)), torch.randint(0, 3, (8,))
+    inner = make_inner(model.parameters())
+    if hook:  # the class docstring's way to clip the estimate: it needs every .grad at once
+        inner.register_step_pre_hook(lambda *_: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1) and None)
+    opt = ForwardGradient(inner, num_directions=num_directions, seed=3, keep_grads=keep_grads)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: F.cross_entropy(model(ids), y))
+    return model, opt
+
+
+INNER = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
+}
+
+
+@pytest.mark.parametrize("num_directions", [1, 2])
+@pytest.mark.parametrize("inner", list(INNER))
+def test_steps_a_few_parameters_at_a_time_with_the_same_updates_and_no_whole_grad(inner, num_directions,
+                                                                                  monkeypatch):
+    from fwdgrad_plugins.estimators import core
+
+    monkeypatch.setattr(core, "CONSUME_BYTES", 2000)  # several groups on this small model
+    held = []
+    consume = ForwardGradient._step_parameters
+
+    def recording(self, params):
+        held.append(sum(p.grad.nbytes for p in self.estimator_params if p.grad is not None))
+        consume(self, params)
+
+    monkeypatch.setattr(ForwardGradient, "_step_parameters", recording)
+    monkeypatch.setattr(ForwardGradient, "estimator_params", property(
+        lambda self: [p for group in self.param_groups for p in group["params"]]), raising=False)
+    lean, lean_opt = three_steps(INNER[inner], keep_grads=False, num_directions=num_directions)
+    kept, _ = three_steps(INNER[inner], keep_grads=True, num_directions=num_directions)
+    for a, b in zip(lean.parameters(), kept.parameters()):
+        assert torch.equal(a, b)
+        assert a.grad is None and b.grad is not None  # the lean step leaves no .grad behind
+    largest = max(p.nbytes for p in lean.parameters())
+    assert len(held) == 2 * 3 and max(held) <= 2000 + largest  # two groups of about CONSUME_BYTES a step
+    assert lean_opt.state_dict()["optimizer"]["state"].keys() == set(range(len(list(lean.parameters()))))
+
+
+def test_the_whole_estimate_is_written_where_the_optimizer_needs_it():
+    """A step hook that clips sees every .grad; an optimizer the wrapper does not know, and a
+    .grad already there (accumulation), keep the whole-estimate path."""
+    hooked, _ = three_steps(INNER["sgd-momentum"], keep_grads=False, num_directions=1, hook=True)
+    assert all(p.grad is not None for p in hooked.parameters())
+    norm = torch.nn.utils.clip_grad_norm_(list(hooked.parameters()), float("inf"))
+    assert norm <= 0.1 + 1e-6  # clipped as a whole
+
+    class MyOptimizer(torch.optim.SGD):
+        pass
+
+    custom, _ = three_steps(lambda p: MyOptimizer(p, lr=0.1), keep_grads=False, num_directions=1)
+    assert all(p.grad is not None for p in custom.parameters())
+    model = nn.Linear(3, 1)
+    opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.0), seed=1)
+    model.weight.grad = torch.ones_like(model.weight)
+    opt.step(lambda: model(torch.ones(2, 3)).sum())
+    assert model.weight.grad is not None and model.bias.grad is not None  # added to, and kept
