@@ -26,14 +26,14 @@ def llama_lora():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [gpt2, llama_lora])
-@pytest.mark.parametrize("block_tokens", [1, 5, 64])
-def test_value_and_derivatives_are_the_models_own(make, block_tokens):
+@pytest.mark.parametrize("block_tokens, block_vocab", [(1, None), (5, 7), (None, 16), (None, None)])
+def test_value_and_derivatives_are_the_models_own(make, block_tokens, block_vocab):
     model = make()
     ids = torch.randint(0, 40, (2, 12))
     labels = ids.clone()
     labels[0, 3:6] = -100
     full = lambda: model(input_ids=ids, labels=labels).loss
-    blocked = lambda: blocked_causal_lm_loss(model, ids, labels, block_tokens=block_tokens)
+    blocked = lambda: blocked_causal_lm_loss(model, ids, labels, block_tokens=block_tokens, block_vocab=block_vocab)
     torch.testing.assert_close(blocked(), full(), rtol=1e-5, atol=1e-6)
     params = [p for p in model.parameters() if p.requires_grad]
     tangents = GaussianSampler().sample(params, 2, seed=0)
@@ -42,9 +42,27 @@ def test_value_and_derivatives_are_the_models_own(make, block_tokens):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_head_that_is_not_linear_runs_whole_over_blocks_of_tokens():
+    """peft LoRA on the head makes it a LoRA layer: applied as a module, a block of tokens at a time."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["lm_head", "c_attn"]))
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear
+    ids = torch.randint(0, 40, (2, 12))
+    full = lambda: model(input_ids=ids, labels=ids).loss
+    blocked = lambda: blocked_causal_lm_loss(model, ids, block_tokens=5)
+    torch.testing.assert_close(blocked(), full(), rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tangents = GaussianSampler().sample(params, 1, seed=2)
+    torch.testing.assert_close(directional_derivatives(blocked, params, tangents).derivatives,
+                               directional_derivatives(full, params, tangents).derivatives, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="block_tokens"):
         blocked_causal_lm_loss(gpt2(), torch.zeros(1, 4, dtype=torch.long), block_tokens=0)
+    with pytest.raises(ValueError, match="block_vocab"):
+        blocked_causal_lm_loss(gpt2(), torch.zeros(1, 4, dtype=torch.long), block_vocab=True)
     with pytest.raises(TypeError, match="not a HuggingFace causal language model"):
         blocked_causal_lm_loss(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long))
 
