@@ -216,7 +216,7 @@ def strided_cnn():
 def test_mean_over_draws_is_the_task_loss_gradient(make, blocks, input_span):
     model, closure = make()
     params = list(model.parameters())
-    draws = 600 if blocks is None else 300  # per block: one pass per layer
+    draws = 400 if blocks is None else 200  # per block: one pass per layer
     estimator = PerExampleWeightPerturbation(blocks=blocks, input_span=input_span)
     estimates = [estimate(closure, params, seed=s, num_directions=2, estimator=estimator).grads
                  for s in range(draws)]
