@@ -56,15 +56,17 @@ LOGITS_PER_BLOCK = 1 << 20  # logits in one block (4 MiB in float32), with as ma
 
 def blocked_causal_lm_loss(model: torch.nn.Module, input_ids: Tensor, labels: Optional[Tensor] = None, *,
                            block_tokens: Optional[int] = None, block_vocab: Optional[int] = None,
-                           **model_kwargs) -> Tensor:
+                           num_items_in_batch=None, **model_kwargs) -> Tensor:
     """Mean next-token cross-entropy of ``model`` on ``input_ids`` (labels default to the
     inputs), with the head's logits computed a block at a time.
 
     ``block_tokens``: tokens per block (default: 4096 with a linear head, whose weight's
     tangent rows are drawn once per token block; else as many as make ``LOGITS_PER_BLOCK``
     logits). ``block_vocab``: rows of a linear head's weight per block (default: as many as
-    make ``LOGITS_PER_BLOCK`` logits with the token block). ``model_kwargs``
-    (``attention_mask``, ...) go to the model's body."""
+    make ``LOGITS_PER_BLOCK`` logits with the token block). ``num_items_in_batch``: divide the
+    summed loss by it instead of by this batch's counted tokens (as HF's causal-LM loss does
+    under gradient accumulation). ``model_kwargs`` (``attention_mask``, ...) go to the model's
+    body."""
     for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer (or None for the default), got {value!r}.")
@@ -87,6 +89,9 @@ def blocked_causal_lm_loss(model: torch.nn.Module, input_ids: Tensor, labels: Op
         else:
             part = F.cross_entropy(head(rows).float(), labels_of_rows, ignore_index=IGNORE_INDEX, reduction="sum")
         total = part if total is None else total + part
+    if num_items_in_batch is not None:
+        return total / (num_items_in_batch.to(total.device) if isinstance(num_items_in_batch, Tensor)
+                        else num_items_in_batch)
     return total / count.clamp(min=1)
 
 

@@ -5,7 +5,10 @@
 of ``ForwardGradientEstimator.backward`` (the estimate takes backward's place) and keeps the
 rest of ``Trainer``: the inner optimizer (``--fwdgrad_inner_optim``, built by Trainer from
 ``--learning_rate``, ``--weight_decay``, ``--adam_*`` and ``--optim_args``), LR schedulers,
-``max_grad_norm`` (the estimate sits in ``.grad``), evaluation, logging and checkpoints.
+``max_grad_norm`` (the estimate sits in ``.grad``), evaluation, logging and checkpoints. On a
+causal LM with a linear head, Trainer's own ``compute_loss`` gets the model's loss from
+:func:`~fwdgrad_plugins.engine.lm_loss.blocked_causal_lm_loss` (the same value; the vocabulary
+a block at a time, so the whole logits and their tangent never exist).
 
 >>> import tempfile, torch
 >>> from transformers import BertConfig, BertForSequenceClassification
@@ -38,6 +41,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from fwdgrad_plugins import plugins
+from fwdgrad_plugins.engine.lm_loss import blocked_causal_lm_loss
 from fwdgrad_plugins.estimators.core import ForwardGradientEstimator, trainable_parameters
 from fwdgrad_plugins.optim import NEEDS_GRAD, ForwardSGD, applies_without_grad
 
@@ -355,6 +359,8 @@ class FwdGradTrainer(Trainer):
 
         def forward_gradient_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
+            if self._blocked_loss_applies(unwrapped, inputs):
+                unwrapped = _BlockedCausalLMLoss(unwrapped)
             # A copy: compute_loss may pop "labels", and the closure can run K times.
             closure = lambda: compute_loss(unwrapped, dict(inputs), num_items_in_batch=num_items_in_batch)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -372,6 +378,20 @@ class FwdGradTrainer(Trainer):
             self._derivative_stats.add(estimate.directional_derivatives * scale)
             _scale_estimate(estimate, self.optimizer.param_groups, scale)
         return loss
+
+    def _blocked_loss_applies(self, model, inputs) -> bool:
+        """Whether Trainer's own ``compute_loss`` on a causal LM with a linear head can get its
+        loss from ``blocked_causal_lm_loss`` (the same value, without the whole logits): no
+        ``compute_loss`` override, label smoother or ``compute_loss_func``, and a batch of
+        ``input_ids`` and ``labels``."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        return (type(self).compute_loss is Trainer.compute_loss and self.label_smoother is None
+                and self.compute_loss_func is None and {"input_ids", "labels"} <= set(inputs)
+                and "inputs_embeds" not in inputs and type(head) is torch.nn.Linear
+                and type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         if self.forward_gradient is not None and "loss" in logs:
@@ -426,6 +446,20 @@ class FwdGradTrainer(Trainer):
         if os.path.isfile(tensors):
             state["estimator_state"] = torch.load(tensors, map_location="cpu", weights_only=True)
         self.forward_gradient.load_state_dict(state)
+
+
+class _BlockedCausalLMLoss:
+    """A causal LM called as Trainer's ``compute_loss`` calls it, ``model(**inputs)``, whose
+    output holds only the loss, from :func:`~fwdgrad_plugins.engine.lm_loss.blocked_causal_lm_loss`:
+    the vocabulary a block at a time, so the whole logits and their tangent never exist."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, labels, num_items_in_batch=None, **model_kwargs):
+        loss = blocked_causal_lm_loss(self.model, input_ids, labels, num_items_in_batch=num_items_in_batch,
+                                      **model_kwargs)
+        return {"loss": loss}
 
 
 def _scale_estimate(estimate, param_groups, scale: float) -> None:

@@ -88,3 +88,31 @@ def test_accelerate_loop_refuses_an_estimator_beside_forward_sgd():
     model = fresh_model()
     with pytest.raises(ValueError, match="ForwardSGD, which estimates and applies"):
         loop(ForwardSGD(model.parameters(), lr=0.1), model, ForwardGradientEstimator())
+
+
+class OwnComputeLoss(FwdGradTrainer):
+    """A subclass's compute_loss: the trainer runs it as written, the model's own loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("inner", ["sgd", "forward_sgd"])
+def test_trainer_takes_a_causal_lms_loss_a_block_of_the_vocabulary_at_a_time(inner, tmp_path):
+    """Trainer's own compute_loss on a causal LM never calls the head: the loss comes from
+    blocked_causal_lm_loss, and the steps (two micro-batches each, so HF's num_items_in_batch
+    divides the loss) are those of the model's own loss."""
+    runs = {}
+    for name, trainer_class in (("blocked", FwdGradTrainer), ("model's", OwnComputeLoss)):
+        torch.manual_seed(0)
+        model = tiny_gpt2(dropout=0.0)
+        head_calls = []
+        model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+        options = dict(max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                       max_grad_norm=0.0, fwdgrad_inner_optim=inner)
+        trainer = trainer_class(model=model, args=arguments(tmp_path / name, **options), train_dataset=language_data())
+        trainer.train()
+        runs[name] = (snapshot(model), len(head_calls))
+    assert runs["blocked"][1] == 0 and runs["model's"][1] == 4
+    for key, value in runs["model's"][0].items():
+        torch.testing.assert_close(runs["blocked"][0][key], value, rtol=1e-4, atol=1e-6, msg=key)
