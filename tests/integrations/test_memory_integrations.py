@@ -97,8 +97,7 @@ class OwnComputeLoss(FwdGradTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-@pytest.mark.parametrize("inner", ["sgd", "forward_sgd"])
-def test_trainer_takes_a_causal_lms_loss_a_block_of_the_vocabulary_at_a_time(inner, tmp_path):
+def test_trainer_takes_a_causal_lms_loss_a_block_of_the_vocabulary_at_a_time(tmp_path):
     """Trainer's own compute_loss on a causal LM never calls the head: the loss comes from
     blocked_causal_lm_loss, and the steps (two micro-batches each, so HF's num_items_in_batch
     divides the loss) are those of the model's own loss."""
@@ -109,7 +108,7 @@ def test_trainer_takes_a_causal_lms_loss_a_block_of_the_vocabulary_at_a_time(inn
         head_calls = []
         model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
         options = dict(max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-                       max_grad_norm=0.0, fwdgrad_inner_optim=inner)
+                       max_grad_norm=0.0, fwdgrad_inner_optim="forward_sgd")
         trainer = trainer_class(model=model, args=arguments(tmp_path / name, **options), train_dataset=language_data())
         trainer.train()
         runs[name] = (snapshot(model), len(head_calls))
