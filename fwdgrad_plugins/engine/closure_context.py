@@ -242,3 +242,22 @@ def unsupported_op_fix(message: str) -> tuple[Optional[str], str]:
             return op, fix
     return op, ("use an equivalent op that has a forward-mode rule, or wrap the op in a "
                 "torch.autograd.Function that defines jvp()")
+
+
+# Tensor attributes and methods that read metadata only: a mode that hands torch calls another
+# value for a parameter (a dual, a shifted copy) lets the parameter itself serve them.
+_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag", "data"})
+_METADATA_METHODS = frozenset(
+    getattr(Tensor, name) for name in ("size", "dim", "numel", "nelement", "stride", "is_contiguous",
+                                       "element_size", "is_floating_point", "is_complex", "storage_offset",
+                                       "data_ptr", "get_device")
+)
+
+
+def reads_metadata(func) -> bool:
+    """Whether the torch function ``func`` reads only a tensor's metadata (its shape, dtype,
+    device, ...), the same for a parameter and any value that stands in for it."""
+    if func in _METADATA_METHODS:
+        return True
+    descriptor = getattr(func, "__self__", None)
+    return getattr(func, "__name__", None) == "__get__" and getattr(descriptor, "__name__", None) not in _VALUE_PROPERTIES

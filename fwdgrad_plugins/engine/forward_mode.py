@@ -41,6 +41,7 @@ from fwdgrad_plugins.engine import attention, cross_entropy
 from fwdgrad_plugins.engine.closure_context import (
     load_decompositions_quietly,
     module_path,
+    reads_metadata,
     run_closure,
     unsupported_op_fix,
 )
@@ -61,13 +62,6 @@ _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _PRODUCTS = (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)
 _QUOTIENTS = (Tensor.__truediv__, Tensor.div, torch.div)
 _NARROWS = (Tensor.narrow, torch.narrow)
-# What a tensor's metadata answers, the same for a parameter and its dual: a parameter read
-# this way is neither perturbed (no tangent drawn) nor counted as used.
-_METADATA = frozenset({
-    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
-    Tensor.layout.__get__, Tensor.requires_grad.__get__, Tensor.dim, Tensor.size, Tensor.numel,
-    Tensor.is_floating_point, Tensor.element_size,
-})
 _MISSING_RULE_HINTS = ("forward AD", "forward-mode", "forward mode", "jvp")
 
 
@@ -131,7 +125,7 @@ class _PerturbParameters(TorchFunctionMode):
                 "gradient estimate itself: return the loss from the closure without calling "
                 "loss.backward() or torch.autograd.grad."
             )
-        if func in _METADATA:
+        if reads_metadata(func):  # a parameter's shape or dtype draws no tangent
             return func(*args, **kwargs)
         if func is F.linear:
             return self._linear(*args, **kwargs)

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from fwdgrad_plugins.distributed.fsdp import refuse_sharded
-from fwdgrad_plugins.engine.closure_context import kv_cache_off
+from fwdgrad_plugins.engine.closure_context import kv_cache_off, reads_metadata
 from fwdgrad_plugins.engine.forward_mode import (
     _BACKWARD_FUNCTIONS,
     DirectionalDerivatives,
@@ -56,23 +56,6 @@ from fwdgrad_plugins.errors import BackwardInClosureError, ParametersNotUsedErro
 from fwdgrad_plugins.estimators.core import Estimate, Reduce, estimate_from_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
 from fwdgrad_plugins.tangents.streaming import LazyDirection, TangentStream, tangent_stream
-
-# Tensor attributes and methods that read metadata only: the parameter itself serves them,
-# with no shifted value computed.
-_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag", "data"})
-_METADATA_METHODS = frozenset(
-    getattr(Tensor, name) for name in ("size", "dim", "numel", "nelement", "stride", "is_contiguous",
-                                       "element_size", "is_floating_point", "is_complex", "storage_offset",
-                                       "data_ptr", "get_device")
-)
-
-
-def _reads_metadata(func) -> bool:
-    if func in _METADATA_METHODS:
-        return True
-    descriptor = getattr(func, "__self__", None)
-    return getattr(func, "__name__", None) == "__get__" and getattr(descriptor, "__name__", None) not in _VALUE_PROPERTIES
-
 
 class _ShiftParameters(TorchFunctionMode):
     """Hands torch calls θ + ``scale``·z in place of each trained parameter θ, computed per
@@ -112,7 +95,7 @@ class _ShiftParameters(TorchFunctionMode):
                 "only: return the loss from the closure without calling loss.backward() or "
                 "torch.autograd.grad."
             )
-        if _reads_metadata(func):
+        if reads_metadata(func):
             return func(*args, **kwargs)
         if self.freeze_running_stats:
             if func is F.batch_norm:
