@@ -4,7 +4,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config
 
-from fwdgrad_plugins import FwdGradTrainingArguments
+from fwdgrad_plugins import FwdGradTrainer, FwdGradTrainingArguments
 
 VOCAB, LENGTH = 24, 8
 
@@ -50,3 +50,10 @@ def arguments(tmp_path, **overrides):
 
 def snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+class OwnComputeLoss(FwdGradTrainer):
+    """A subclass's compute_loss: the trainer runs it as written (the model's own loss)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

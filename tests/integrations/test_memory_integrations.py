@@ -13,7 +13,7 @@ from fwdgrad_plugins import ForwardGradientEstimator, ForwardSGD, FwdGradTrainer
 from fwdgrad_plugins.integrations.accelerate_loop import TrainingOptions, train
 
 from tiny_loop import DECAY, dataset, fresh_model
-from tiny_transformers import arguments, language_data, snapshot, tiny_gpt2
+from tiny_transformers import OwnComputeLoss, arguments, language_data, snapshot, tiny_gpt2
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -88,13 +88,6 @@ def test_accelerate_loop_refuses_an_estimator_beside_forward_sgd():
     model = fresh_model()
     with pytest.raises(ValueError, match="ForwardSGD, which estimates and applies"):
         loop(ForwardSGD(model.parameters(), lr=0.1), model, ForwardGradientEstimator())
-
-
-class OwnComputeLoss(FwdGradTrainer):
-    """A subclass's compute_loss: the trainer runs it as written, the model's own loss."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def test_trainer_takes_a_causal_lms_loss_a_block_of_the_vocabulary_at_a_time(tmp_path):

@@ -17,7 +17,8 @@ from fwdgrad_plugins.integrations.transformers_trainer import ESTIMATOR_STATE_NA
 from fwdgrad_plugins.tangents.counter_rng import derive_seed
 
 from processes import free_port
-from tiny_transformers import LENGTH, MODELS, arguments, classification_data, language_data, snapshot, tiny_bert, tiny_gpt2
+from tiny_transformers import (LENGTH, MODELS, OwnComputeLoss, arguments, classification_data, language_data, snapshot,
+                              tiny_bert, tiny_gpt2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,22 +47,30 @@ def test_step_changes_every_trainable_parameter_and_no_frozen_one(name, tmp_path
 
 
 @pytest.mark.parametrize("inner", ["forward_sgd", "sgd"])
-def test_a_causal_lm_s_loss_runs_blocked_and_without_a_kv_cache(inner, tmp_path, monkeypatch):
-    """Trainer's own compute_loss (the model's loss_function over a large vocabulary) takes the
-    blocked cross-entropy rule, and the model builds no KV cache, without the user asking."""
+@pytest.mark.parametrize("trainer_class", [FwdGradTrainer, OwnComputeLoss])
+def test_a_causal_lm_s_loss_runs_blocked_and_without_a_kv_cache(trainer_class, inner, tmp_path, monkeypatch):
+    """Without the user asking, the model builds no KV cache, and a large vocabulary's loss
+    runs in blocks: Trainer's own compute_loss takes blocked_causal_lm_loss (the head module
+    never runs), a subclass's compute_loss (the model's loss_function) the blocked
+    cross-entropy rule."""
     from fwdgrad_plugins.engine import cross_entropy
 
-    calls, caches = [], []
+    calls, caches, heads = [], [], []
     rule = cross_entropy.blocked_cross_entropy
     monkeypatch.setattr(cross_entropy, "blocked_cross_entropy", lambda *a, **k: calls.append(1) or rule(*a, **k))
     vocab = cross_entropy.MIN_CLASSES
     model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=vocab, n_embd=8, n_layer=1, n_head=2,
                                                         n_positions=LENGTH), attn_implementation="sdpa")
     model.transformer.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    model.lm_head.register_forward_hook(lambda *_: heads.append(1))
     data = [{"input_ids": x, "labels": x} for x in torch.randint(vocab, (8, LENGTH))]
-    FwdGradTrainer(model=model, args=arguments(tmp_path, fwdgrad_inner_optim=inner, max_grad_norm=0.0),
-                   train_dataset=data).train()
-    assert calls and caches and all(cache is None for cache in caches)
+    trainer_class(model=model, args=arguments(tmp_path, fwdgrad_inner_optim=inner, max_grad_norm=0.0),
+                  train_dataset=data).train()
+    assert caches and all(cache is None for cache in caches)
+    if trainer_class is FwdGradTrainer:
+        assert not heads and not calls
+    else:
+        assert heads and calls
 
 
 @pytest.mark.slow
