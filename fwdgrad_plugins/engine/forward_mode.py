@@ -46,6 +46,7 @@ from fwdgrad_plugins.engine.closure_context import (
     unsupported_op_fix,
 )
 from fwdgrad_plugins.engine.rng_state import RngState
+from fwdgrad_plugins.engine.row_blocks import add_addmm_by_rows, add_linear_by_rows, looked_up_rows
 from fwdgrad_plugins.engine.vmap_fallback import Refusals, warn_fallback
 from fwdgrad_plugins.errors import (
     BackwardInClosureError,
@@ -172,7 +173,7 @@ class _PerturbParameters(TorchFunctionMode):
         if blocks is not None and max_norm is None:  # a large streamed table: only the rows looked up
             self.used.add(key)
             out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
-            return fwAD.make_dual(out, self._looked_up_rows(input, key, blocks, padding_row, out))
+            return fwAD.make_dual(out, looked_up_rows(self.tangents, key, blocks, input, padding_row, out))
         if isinstance(tangent, tuple) and max_norm is None:  # max_norm renormalises rows in place
             self.used.add(key)
             out = F.embedding(input, weight, padding_idx, max_norm, *rest, **kwargs)
@@ -182,23 +183,6 @@ class _PerturbParameters(TorchFunctionMode):
             is_padding[padding_row] = True
             weight = torch.where(is_padding, weight.detach(), self._swap(weight))
         return F.embedding(input, self._swap(weight), padding_idx, max_norm, *rest, **kwargs)
-
-    def _looked_up_rows(self, indices, key, blocks, padding_row, out):
-        """The tangent of ``F.embedding(indices, weight)`` for a streamed ``weight`` drawn by
-        rows: each block of rows that holds a looked-up index is drawn, its rows copied out,
-        and dropped, so the pass never holds the table's whole tangent."""
-        flat = indices.reshape(-1)
-        tangent = out.new_zeros(out.shape)
-        rows_out = tangent.view(flat.numel(), -1)
-        for start, stop in blocks:
-            hit = (flat >= start) & (flat < stop)
-            if padding_row is not None:
-                hit &= flat != padding_row
-            positions = hit.nonzero().squeeze(1)
-            if positions.numel():
-                rows = self.tangents.rows(key, start, stop)
-                rows_out[positions] = cast(rows[flat[positions] - start], out.dtype)
-        return tangent
 
     def _narrow(self, value, dim, start, length):
         """``value.narrow(dim, start, length)`` of a streamed parameter drawn by rows: along
@@ -234,11 +218,7 @@ class _PerturbParameters(TorchFunctionMode):
         out = F.linear(x, weight, b_p)
         tangent = _linear_tangent(x, x_t, weight, None, None, b_t, out.dtype, self.dual_tensors)
         tangent = out.new_zeros(out.shape) if tangent is None else tangent
-        columns = tangent.view(-1, out.shape[-1])
-        inputs = _rows(cast(x, out.dtype))
-        for start, stop in blocks:
-            rows = cast(self.tangents.rows(id(weight), start, stop), out.dtype)
-            columns[:, start:stop].addmm_(inputs, rows.t())
+        add_linear_by_rows(self.tangents, id(weight), blocks, _rows(x), tangent.view(-1, out.shape[-1]))
         self.used.add(id(weight))
         return fwAD.make_dual(out, tangent)
 
@@ -306,10 +286,7 @@ class _PerturbParameters(TorchFunctionMode):
             result = torch.addmm(b_p, x, mat2)
             tangent = _linear_tangent(x, x_t, mat2.t(), None, None, b_t, result.dtype, self.dual_tensors)
             tangent = result.new_zeros(result.shape) if tangent is None else tangent
-            inputs = cast(x, result.dtype)
-            for start, stop in blocks:
-                rows = cast(self.tangents.rows(id(mat2), start, stop), result.dtype)
-                tangent.addmm_(inputs[:, start:stop], rows)
+            add_addmm_by_rows(self.tangents, id(mat2), blocks, x, tangent)
             self.used.add(id(mat2))
             return fwAD.make_dual(result, tangent)
         w_p, w_t = self._primal_and_tangent(mat2)

@@ -52,6 +52,7 @@ from fwdgrad_plugins.engine.forward_mode import (
     _check_loss,
     _with_copied_running_stats,
 )
+from fwdgrad_plugins.engine.row_blocks import add_addmm_by_rows, add_linear_by_rows, looked_up_rows
 from fwdgrad_plugins.errors import BackwardInClosureError, ParametersNotUsedError
 from fwdgrad_plugins.estimators.core import Estimate, Reduce, estimate_from_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
@@ -102,11 +103,69 @@ class _ShiftParameters(TorchFunctionMode):
                 args, kwargs = _with_copied_running_stats(args, kwargs)
             elif func is Tensor.add_ and not args[0].is_floating_point():
                 return args[0]  # a step counter such as BatchNorm's num_batches_tracked
+        by_rows = self._by_rows(func, args, kwargs)
+        if by_rows is not None:
+            return by_rows
         if func is F.embedding:
             args, kwargs = self._embedding_arguments(args, kwargs)
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+    def _by_rows(self, func, args, kwargs) -> Optional[Tensor]:
+        """A call that uses a large streamed parameter, whose z is drawn a block of rows at a
+        time (:mod:`~fwdgrad_plugins.engine.row_blocks`): an embedding lookup, a linear layer,
+        an ``addmm``, ``narrow`` along rows. Its value at θ, plus ±ε times z's part, block by
+        block, so neither z nor θ ± εz exists whole; None for any other call."""
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        if func is F.embedding:
+            named = dict(zip(("input", "weight", "padding_idx", "max_norm"), args), **kwargs)
+            weight, padding_idx = named.get("weight"), named.get("padding_idx")
+            blocks = self._row_blocks(weight)
+            if blocks is None or named.get("max_norm") is not None:  # max_norm renormalises rows in place
+                return None
+            row = None if padding_idx is None else padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
+            if row is not None:
+                self.padding_rows.setdefault(id(weight), set()).add(row)
+            self.used.add(id(weight))
+            out = func(*args, **kwargs)
+            return out.add_(looked_up_rows(self.directions, id(weight), blocks, named["input"], row, out),
+                            alpha=self.scale)
+        if func is F.linear and 2 <= len(args) <= 3 and set(kwargs) <= {"bias"}:
+            blocks = self._row_blocks(args[1])
+            if blocks is None or args[1].dim() != 2:
+                return None
+            x, weight = args[0], args[1]
+            out = F.linear(x, weight, self._swap(args[2] if len(args) > 2 else kwargs.get("bias")))
+            add_linear_by_rows(self.directions, id(weight), blocks, x.reshape(-1, x.shape[-1]),
+                               out.view(-1, out.shape[-1]), alpha=self.scale)
+            self.used.add(id(weight))
+            return out
+        if func is torch.addmm and len(args) == 3 and not kwargs:
+            blocks = self._row_blocks(args[2])
+            if blocks is None:
+                return None
+            out = torch.addmm(self._swap(args[0]), args[1], args[2])
+            add_addmm_by_rows(self.directions, id(args[2]), blocks, args[1], out, alpha=self.scale)
+            self.used.add(id(args[2]))
+            return out
+        if func in (Tensor.narrow, torch.narrow) and len(args) == 4 and args[1] in (0, -args[0].dim()):
+            blocks = self._row_blocks(args[0])
+            if blocks is None:
+                return None
+            value, _, start, length = args
+            self.used.add(id(value))
+            rows = self.directions.rows(id(value), int(start), int(start) + int(length))
+            return torch.add(value.narrow(0, start, length), rows.to(value.dtype), alpha=self.scale)
+        return None
+
+    def _row_blocks(self, value):
+        """The row ranges in which a streamed parameter's z is drawn, where it is large enough
+        to be drawn by rows; None otherwise."""
+        if not isinstance(value, Tensor) or id(value) not in self.directions:
+            return None
+        return self.directions.row_blocks(id(value))
 
     def _embedding_arguments(self, args, kwargs):
         """``F.embedding``'s weight with its padding row left unshifted (and recorded)."""

@@ -122,3 +122,34 @@ def test_narrow_along_other_dimensions_uses_the_whole_tangent(small_blocks):
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(closure(), [weight])
     torch.testing.assert_close(streamed[0], (grad * tangent).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [llama, gpt2_tied_padded])
+@pytest.mark.parametrize("loss", ["model", "blocked"])
+def test_spsa_shifts_large_parameters_by_rows_with_the_same_derivatives(make, loss, monkeypatch, whole_draws):
+    """SPSA's ±εz of an embedding or a head, block by block: the derivatives of whole draws,
+    within the float rounding of θ + εz summed in another order, and no whole draw."""
+    from fwdgrad_plugins.estimators.spsa import SimultaneousPerturbation
+
+    torch.manual_seed(0)
+    model = make().eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    ids[0, :3] = 0
+    closure = {"model": lambda: model(input_ids=ids, labels=ids).loss,
+               "blocked": lambda: blocked_causal_lm_loss(model, ids, block_vocab=100)}[loss]
+    params = [p for p in model.parameters() if p.requires_grad]
+    spsa = SimultaneousPerturbation(epsilon=1e-2)
+    results = []
+    for minimum in (4000, 10**9):  # by rows, then whole
+        monkeypatch.setattr(streaming, "ROWS_ALONE_MIN", minimum)
+        monkeypatch.setattr(streaming, "ROW_BLOCK", 1000)
+        stream = tangent_stream(GaussianSampler(), params, 2, seed=5)
+        if minimum == 4000:
+            blocked = blocked_indices(stream)
+            assert blocked
+        results.append(spsa.derivatives(closure, params, stream))
+        if minimum == 4000:
+            assert not blocked & set(whole_draws)
+    by_rows, whole = results
+    torch.testing.assert_close(by_rows.derivatives, whole.derivatives, rtol=1e-3, atol=2e-3)
+    assert by_rows.used == whole.used and by_rows.frozen_rows == whole.frozen_rows
