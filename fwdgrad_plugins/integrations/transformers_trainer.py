@@ -382,13 +382,17 @@ class FwdGradTrainer(Trainer):
     def _blocked_loss_applies(self, model, inputs) -> bool:
         """Whether Trainer's own ``compute_loss`` on a causal LM with a linear head can get its
         loss from ``blocked_causal_lm_loss`` (the same value, without the whole logits): no
-        ``compute_loss`` override, label smoother or ``compute_loss_func``, and a batch of
-        ``input_ids`` and ``labels``."""
+        ``compute_loss`` override, label smoother or ``compute_loss_func``, a batch of
+        ``input_ids`` and ``labels``, and an estimator formed from K directional derivatives
+        and their tangents (``weight``, ``spsa``; the layer-wise ones, such as ``activity``,
+        perturb the head as a layer of the model's own call)."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        return (type(self).compute_loss is Trainer.compute_loss and self.label_smoother is None
+        estimator = getattr(self.forward_gradient, "estimator", None)  # None: ForwardSGD's (weight, spsa)
+        return ((estimator is None or applies_without_grad(estimator))
+                and type(self).compute_loss is Trainer.compute_loss and self.label_smoother is None
                 and self.compute_loss_func is None and {"input_ids", "labels"} <= set(inputs)
                 and "inputs_embeds" not in inputs and type(head) is torch.nn.Linear
                 and type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
