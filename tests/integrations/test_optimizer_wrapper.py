@@ -242,7 +242,7 @@ def three_steps(make_inner, keep_grads, num_directions, hook=False):
     return model, opt
 
 
-INNER = {
+STATEFUL_INNER = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
@@ -250,7 +250,7 @@ INNER = {
 
 
 @pytest.mark.parametrize("num_directions", [1, 2])
-@pytest.mark.parametrize("inner", list(INNER))
+@pytest.mark.parametrize("inner", list(STATEFUL_INNER))
 def test_steps_a_few_parameters_at_a_time_with_the_same_updates_and_no_whole_grad(inner, num_directions,
                                                                                   monkeypatch):
     from fwdgrad_plugins.estimators import core
@@ -266,8 +266,8 @@ def test_steps_a_few_parameters_at_a_time_with_the_same_updates_and_no_whole_gra
     monkeypatch.setattr(ForwardGradient, "_step_parameters", recording)
     monkeypatch.setattr(ForwardGradient, "estimator_params", property(
         lambda self: [p for group in self.param_groups for p in group["params"]]), raising=False)
-    lean, lean_opt = three_steps(INNER[inner], keep_grads=False, num_directions=num_directions)
-    kept, _ = three_steps(INNER[inner], keep_grads=True, num_directions=num_directions)
+    lean, lean_opt = three_steps(STATEFUL_INNER[inner], keep_grads=False, num_directions=num_directions)
+    kept, _ = three_steps(STATEFUL_INNER[inner], keep_grads=True, num_directions=num_directions)
     for a, b in zip(lean.parameters(), kept.parameters()):
         assert torch.equal(a, b)
         assert a.grad is None and b.grad is not None  # the lean step leaves no .grad behind
@@ -279,7 +279,7 @@ def test_steps_a_few_parameters_at_a_time_with_the_same_updates_and_no_whole_gra
 def test_the_whole_estimate_is_written_where_the_optimizer_needs_it():
     """A step hook that clips sees every .grad; an optimizer the wrapper does not know, and a
     .grad already there (accumulation), keep the whole-estimate path."""
-    hooked, _ = three_steps(INNER["sgd-momentum"], keep_grads=False, num_directions=1, hook=True)
+    hooked, _ = three_steps(STATEFUL_INNER["sgd-momentum"], keep_grads=False, num_directions=1, hook=True)
     assert all(p.grad is not None for p in hooked.parameters())
     norm = torch.nn.utils.clip_grad_norm_(list(hooked.parameters()), float("inf"))
     assert norm <= 0.1 + 1e-6  # clipped as a whole
