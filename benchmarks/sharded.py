@@ -177,8 +177,9 @@ def measure(method: str, world: int, args) -> dict:
 def add_ratios(rows: list[dict]) -> None:
     """Each row's peak, bytes and time over FSDP2 backprop SGD's on as many ranks."""
     for row in rows:
-        reference = next(r for r in rows if r["ranks"] == row["ranks"] and r["method"] == "fsdp-backprop-sgd")
-        row["time_vs_fsdp_backprop_sgd"] = row["median_step_seconds"] / reference["median_step_seconds"]
+        reference = next((r for r in rows if r["ranks"] == row["ranks"] and r["method"] == "fsdp-backprop-sgd"), None)
+        row["time_vs_fsdp_backprop_sgd"] = (float("nan") if reference is None  # (--methods without it)
+                                            else row["median_step_seconds"] / reference["median_step_seconds"])
 
 
 def targets(rows: list[dict]) -> list[dict]:
