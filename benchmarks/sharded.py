@@ -3,7 +3,9 @@
 the whole model, K floats all-reduced: the Accelerate loop's forward gradient).
 
 Each (ranks, method) runs in N fresh processes, on a GPT-2 built from a config (every block
-``fully_shard``-ed, then the root). Per rank it reports:
+``fully_shard``-ed, then the root; for forward gradients the root with
+``reshard_after_forward=True``, which FSDP2 backprop leaves off for the root since its backward
+pass needs the root at once). Per rank it reports:
 
 - peak memory above resting, parameters included: the peak resident set (``VmHWM``, reset
   through ``/proc/self/clear_refs`` after the model is built and sharded and one step has run)
@@ -83,7 +85,9 @@ def child(method: str, rank: int, world: int, port: str, args) -> dict:
     if sharded:
         for block in model.transformer.h:
             fully_shard(block)
-        fully_shard(model)
+        # forward gradients: the root resharded after forward too, so it is not held through the
+        # blocks (FSDP2's default keeps it gathered for the backward pass that backprop runs next)
+        fully_shard(model, reshard_after_forward=None if kind.startswith("backprop") else True)
     params = list(model.parameters())
     if kind == "backprop-sgd":
         opt = torch.optim.SGD(params, lr=args.lr)

@@ -204,11 +204,26 @@ class Sharding:
 
         ran: dict[int, nn.Module] = {id(m): m for m in self.modules}
 
+        outer = _outer_units(self.modules) if tangents is not None else {}
+
         def record(module, args):
             if isinstance(module, FSDPModule):
                 ran.setdefault(id(module), module)
+                for unit, (_, nested) in outer.items():
+                    if id(module) in nested:
+                        with tangents.paused():
+                            unit.reshard()  # a no-op unless the unit reshards after forward
 
         handles = [nn.modules.module.register_module_forward_pre_hook(record)]
+        for unit, (users, _) in outer.items():
+
+            def gather(module, args, unit=unit):
+                with tangents.paused():
+                    handle = unit.unshard(async_op=True)  # (a no-op if gathered) waited at once,
+                    if handle is not None:  # so its all-gather buffer is freed after copy-out
+                        handle.wait()
+
+            handles += [user.register_forward_pre_hook(gather) for user in users]
         if tangents is not None:
             gather_here = all(g.device.type == "cpu" for g in self.gathered)
 
@@ -253,7 +268,7 @@ class GatheredTangents(CounterStream):
 
     def __init__(self, stream: CounterStream):
         self.__dict__.update(stream.__dict__)
-        self.paused = False
+        self.hidden = False
         self._directions: "weakref.WeakSet[_PausableDirection]" = weakref.WeakSet()
 
     def direction_mapping(self, k: int) -> LazyDirection:
@@ -262,10 +277,18 @@ class GatheredTangents(CounterStream):
         return direction
 
     def pause(self) -> None:
-        self.paused = True
+        self.hidden = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        was, self.hidden = self.hidden, True
+        try:
+            yield
+        finally:
+            self.hidden = was
 
     def resume(self) -> None:
-        self.paused = False
+        self.hidden = False
 
     def release(self) -> None:
         for direction in list(self._directions):
@@ -276,15 +299,45 @@ class _PausableDirection(LazyDirection):
     """A :class:`LazyDirection` that holds no parameter while its stream is paused."""
 
     def __getitem__(self, key: int):
-        if self.stream.paused:
+        if self.stream.hidden:
             raise KeyError(key)
         return super().__getitem__(key)
 
     def __contains__(self, key) -> bool:
-        return not self.stream.paused and super().__contains__(key)
+        return not self.stream.hidden and super().__contains__(key)
 
     __hash__ = object.__hash__  # (a Mapping's __eq__ would leave it unhashable, and a WeakSet hashes)
     __eq__ = object.__eq__
+
+
+def _outer_units(modules: Sequence[nn.Module]) -> dict:
+    """The FSDP2 units among ``modules`` that hold other units (a model's root), each as
+    ``unit: (users, nested)``: ``users`` the modules of the unit's own that hold its
+    parameters (a GPT-2's embeddings, final norm and tied head), ``nested`` the ids of the
+    units inside it. A unit that computes with a parameter of its own directly (not through
+    such a module), or has none, is left out.
+
+    A unit set to reshard after forward (``fully_shard(model, reshard_after_forward=True)``;
+    FSDP2 keeps the root gathered otherwise, for a backward pass that a forward-gradient step
+    does not run) is then resharded while the units inside it run, and gathered again
+    before its next user runs: the same values, one more all-gather of the unit per step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = {}
+    for unit in modules:
+        users, nested, stack = [], set(), list(unit.children())
+        while stack:
+            module = stack.pop()
+            if isinstance(module, FSDPModule):
+                nested.add(id(module))
+                nested.update(id(m) for m in module.modules() if isinstance(m, FSDPModule))
+                continue
+            if next(module.parameters(recurse=False), None) is not None:
+                users.append(module)
+            stack.extend(module.children())
+        if nested and users and next(unit.parameters(recurse=False), None) is None:
+            found[unit] = (users, nested)
+    return found
 
 
 def _counter_stream(sampler, params, num_directions: int, seed: int) -> CounterStream:
