@@ -23,6 +23,7 @@ The table gives the largest per-rank peak over the ranks and rank 0's bytes.
     python benchmarks/sharded.py --ranks 2,4 --json docs/benchmarks/sharded_cpu.json \\
         --markdown docs/benchmarks/sharded_cpu.md --plot docs/benchmarks/sharded_cpu.png
     python benchmarks/sharded.py --quick     # a smoke test: a tiny GPT-2, 2 ranks, seconds
+    python benchmarks/sharded.py --ranks 2 --methods fsdp-forward-sgd --where 8   # where the peak is
 """
 
 from __future__ import annotations
@@ -141,11 +142,46 @@ def child(method: str, rank: int, world: int, port: str, args) -> dict:
             losses.append(step(ids))
         times.append(time.perf_counter() - started)
     peak = _rss_bytes("VmHWM") - resting
+    timed_forward_times = list(forward_times)  # (before the step of peak_intervals)
+    where = peak_intervals(step, batches[1], model, resting) if args.where else []
     dist.destroy_process_group()
     return {"method": method, "rank": rank, "ranks": world, "parameters": parameters, "peak_bytes": peak,
             "bytes_per_step": traffic.bytes / args.steps, "calls_per_step": {k: v / args.steps for k, v in traffic.calls.items()},
             "collective_seconds_per_step": traffic.seconds / args.steps, "step_seconds": times,
-            "forward_seconds": forward_times, "losses": losses}
+            "forward_seconds": timed_forward_times, "losses": losses, "where": where}
+
+
+def _clear_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM from here
+
+
+def peak_intervals(step, ids, model, resting: int) -> list[tuple[str, float]]:
+    """One more step, with the peak resident set read and reset as every module's forward
+    starts and ends: ``(interval, MB above resting)`` in order, an interval named by the
+    marks at its ends (``in m``: ``m``'s forward starts, its FSDP2 hooks included; ``after m``:
+    it ended); the last is the rest of the step (the update)."""
+    names = {m: n or "model" for n, m in model.named_modules()}
+    state = {"label": "step start"}
+    found = []
+
+    def mark(label):
+        found.append((f"{state['label']} -> {label}", (_rss_bytes("VmHWM") - resting) / 2**20))
+        state["label"] = label
+        _clear_peak()
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(
+                   lambda m, args: mark(f"in {names.get(m, type(m).__name__)}")),
+               torch.nn.modules.module.register_module_forward_hook(
+                   lambda m, args, out: mark(f"after {names.get(m, type(m).__name__)}"))]
+    _clear_peak()
+    try:
+        step(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mark("step end")
+    return found
 
 
 def _free_port() -> int:
@@ -175,7 +211,7 @@ def measure(method: str, world: int, args) -> dict:
             "median_step_seconds": statistics.median(slowest), "step_seconds": slowest,
             "median_forward_seconds": statistics.median(max(r["forward_seconds"][i] for r in ranks)
                                                         for i in range(len(slowest))),
-            "losses": [r["losses"] for r in ranks]}
+            "losses": [r["losses"] for r in ranks], "where": ranks[0]["where"]}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -254,6 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--quick", action="store_true", help="a tiny GPT-2 on 2 ranks: a smoke test")
+    parser.add_argument("--where", type=int, default=0, metavar="N",
+                        help="after the timed steps, one more with the peak read at every module's start and "
+                             "end: print each method's N highest intervals (rank 0), and keep all in the JSON")
     parser.add_argument("--json"), parser.add_argument("--markdown"), parser.add_argument("--plot")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", help=argparse.SUPPRESS)
@@ -262,7 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.ranks, args.layers, args.width, args.heads, args.vocab, args.length, args.steps = "2", 2, 32, 2, 128, 16, 2
     args.forwarded = [f"--{k}={getattr(args, k)}" for k in
-                      ("layers", "width", "heads", "vocab", "batch", "length", "steps", "lr", "threads")]
+                      ("layers", "width", "heads", "vocab", "batch", "length", "steps", "lr", "threads", "where")]
     return args
 
 
@@ -281,6 +320,10 @@ def main(argv=None) -> list[dict]:
     checks = targets(rows)
     table = markdown(rows, checks)
     print(table)
+    for row in rows if args.where else []:
+        print(f"{row['ranks']} ranks, {row['method']}: highest peaks above resting in one step (rank 0), MB")
+        for interval, mb in sorted(row["where"], key=lambda item: -item[1])[:args.where]:
+            print(f"  {mb:7.1f}  {interval}")
     machine = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                "processor": platform.processor() or platform.machine(), "torch_threads_per_rank": args.threads,
                "backend": "gloo"}

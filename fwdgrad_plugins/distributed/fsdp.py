@@ -223,7 +223,12 @@ class Sharding:
                     if handle is not None:  # so its all-gather buffer is freed after copy-out
                         handle.wait()
 
+            def reshard(module, args, output, unit=unit):
+                with tangents.paused():
+                    unit.reshard()  # a no-op unless the unit reshards after forward
+
             handles += [user.register_forward_pre_hook(gather) for user in users]
+            handles.append(users[-1].register_forward_hook(reshard))  # e.g. before the loss
         if tangents is not None:
             gather_here = all(g.device.type == "cpu" for g in self.gathered)
 
@@ -313,30 +318,25 @@ class _PausableDirection(LazyDirection):
 def _outer_units(modules: Sequence[nn.Module]) -> dict:
     """The FSDP2 units among ``modules`` that hold other units (a model's root), each as
     ``unit: (users, nested)``: ``users`` the modules of the unit's own that hold its
-    parameters (a GPT-2's embeddings, final norm and tied head), ``nested`` the ids of the
-    units inside it. A unit that computes with a parameter of its own directly (not through
-    such a module), or has none, is left out.
+    parameters, in the order the unit registers them (a GPT-2's embeddings, final norm and
+    tied head), ``nested`` the ids of the units inside it. A unit that computes with a
+    parameter of its own directly (not through such a module), or has none, is left out.
 
     A unit set to reshard after forward (``fully_shard(model, reshard_after_forward=True)``;
     FSDP2 keeps the root gathered otherwise, for a backward pass that a forward-gradient step
-    does not run) is then resharded while the units inside it run, and gathered again
-    before its next user runs: the same values, one more all-gather of the unit per step."""
+    does not run) is then resharded while the units inside it run and after its last user,
+    and gathered again before a user runs: the same values, one more all-gather of the unit
+    per step where its users run before and after the units inside it."""
     from torch.distributed.fsdp import FSDPModule
 
     found = {}
     for unit in modules:
-        users, nested, stack = [], set(), list(unit.children())
-        while stack:
-            module = stack.pop()
-            if isinstance(module, FSDPModule):
-                nested.add(id(module))
-                nested.update(id(m) for m in module.modules() if isinstance(m, FSDPModule))
-                continue
-            if next(module.parameters(recurse=False), None) is not None:
-                users.append(module)
-            stack.extend(module.children())
-        if nested and users and next(unit.parameters(recurse=False), None) is None:
-            found[unit] = (users, nested)
+        inner = [m for m in unit.modules() if m is not unit and isinstance(m, FSDPModule)]
+        nested = {id(m) for unit_inside in inner for m in unit_inside.modules()}
+        users = [m for m in unit.modules() if m is not unit and id(m) not in nested
+                 and next(m.parameters(recurse=False), None) is not None]
+        if inner and users and next(unit.parameters(recurse=False), None) is None:
+            found[unit] = (users, {id(m) for m in inner})
     return found
 
 
