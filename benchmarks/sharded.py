@@ -3,7 +3,9 @@
 the whole model, K floats all-reduced: the Accelerate loop's forward gradient).
 
 Each (ranks, method) runs in N fresh processes, on a GPT-2 built from a config (every block
-``fully_shard``-ed, then the root). Per rank it reports:
+``fully_shard``-ed, then the root; for forward gradients the root with
+``reshard_after_forward=True``, which FSDP2 backprop leaves off for the root since its backward
+pass needs the root at once). Per rank it reports:
 
 - peak memory above resting, parameters included: the peak resident set (``VmHWM``, reset
   through ``/proc/self/clear_refs`` after the model is built and sharded and one step has run)
@@ -21,6 +23,7 @@ The table gives the largest per-rank peak over the ranks and rank 0's bytes.
     python benchmarks/sharded.py --ranks 2,4 --json docs/benchmarks/sharded_cpu.json \\
         --markdown docs/benchmarks/sharded_cpu.md --plot docs/benchmarks/sharded_cpu.png
     python benchmarks/sharded.py --quick     # a smoke test: a tiny GPT-2, 2 ranks, seconds
+    python benchmarks/sharded.py --ranks 2 --methods fsdp-forward-sgd --where 8   # where the peak is
 """
 
 from __future__ import annotations
@@ -83,7 +86,9 @@ def child(method: str, rank: int, world: int, port: str, args) -> dict:
     if sharded:
         for block in model.transformer.h:
             fully_shard(block)
-        fully_shard(model)
+        # forward gradients: the root resharded after forward too, so it is not held through the
+        # blocks (FSDP2's default keeps it gathered for the backward pass that backprop runs next)
+        fully_shard(model, reshard_after_forward=None if kind.startswith("backprop") else True)
     params = list(model.parameters())
     if kind == "backprop-sgd":
         opt = torch.optim.SGD(params, lr=args.lr)
@@ -137,11 +142,46 @@ def child(method: str, rank: int, world: int, port: str, args) -> dict:
             losses.append(step(ids))
         times.append(time.perf_counter() - started)
     peak = _rss_bytes("VmHWM") - resting
+    timed_forward_times = list(forward_times)  # (before the step of peak_intervals)
+    where = peak_intervals(step, batches[1], model, resting) if args.where else []
     dist.destroy_process_group()
     return {"method": method, "rank": rank, "ranks": world, "parameters": parameters, "peak_bytes": peak,
             "bytes_per_step": traffic.bytes / args.steps, "calls_per_step": {k: v / args.steps for k, v in traffic.calls.items()},
             "collective_seconds_per_step": traffic.seconds / args.steps, "step_seconds": times,
-            "forward_seconds": forward_times, "losses": losses}
+            "forward_seconds": timed_forward_times, "losses": losses, "where": where}
+
+
+def _clear_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM from here
+
+
+def peak_intervals(step, ids, model, resting: int) -> list[tuple[str, float]]:
+    """One more step, with the peak resident set read and reset as every module's forward
+    starts and ends: ``(interval, MB above resting)`` in order, an interval named by the
+    marks at its ends (``in m``: ``m``'s forward starts, its FSDP2 hooks included; ``after m``:
+    it ended); the last is the rest of the step (the update)."""
+    names = {m: n or "model" for n, m in model.named_modules()}
+    state = {"label": "step start"}
+    found = []
+
+    def mark(label):
+        found.append((f"{state['label']} -> {label}", (_rss_bytes("VmHWM") - resting) / 2**20))
+        state["label"] = label
+        _clear_peak()
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(
+                   lambda m, args: mark(f"in {names.get(m, type(m).__name__)}")),
+               torch.nn.modules.module.register_module_forward_hook(
+                   lambda m, args, out: mark(f"after {names.get(m, type(m).__name__)}"))]
+    _clear_peak()
+    try:
+        step(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mark("step end")
+    return found
 
 
 def _free_port() -> int:
@@ -171,14 +211,15 @@ def measure(method: str, world: int, args) -> dict:
             "median_step_seconds": statistics.median(slowest), "step_seconds": slowest,
             "median_forward_seconds": statistics.median(max(r["forward_seconds"][i] for r in ranks)
                                                         for i in range(len(slowest))),
-            "losses": [r["losses"] for r in ranks]}
+            "losses": [r["losses"] for r in ranks], "where": ranks[0]["where"]}
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Each row's peak, bytes and time over FSDP2 backprop SGD's on as many ranks."""
     for row in rows:
-        reference = next(r for r in rows if r["ranks"] == row["ranks"] and r["method"] == "fsdp-backprop-sgd")
-        row["time_vs_fsdp_backprop_sgd"] = row["median_step_seconds"] / reference["median_step_seconds"]
+        reference = next((r for r in rows if r["ranks"] == row["ranks"] and r["method"] == "fsdp-backprop-sgd"), None)
+        row["time_vs_fsdp_backprop_sgd"] = (float("nan") if reference is None  # (--methods without it)
+                                            else row["median_step_seconds"] / reference["median_step_seconds"])
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -249,6 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--quick", action="store_true", help="a tiny GPT-2 on 2 ranks: a smoke test")
+    parser.add_argument("--where", type=int, default=0, metavar="N",
+                        help="after the timed steps, one more with the peak read at every module's start and "
+                             "end: print each method's N highest intervals (rank 0), and keep all in the JSON")
     parser.add_argument("--json"), parser.add_argument("--markdown"), parser.add_argument("--plot")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", help=argparse.SUPPRESS)
@@ -257,7 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.ranks, args.layers, args.width, args.heads, args.vocab, args.length, args.steps = "2", 2, 32, 2, 128, 16, 2
     args.forwarded = [f"--{k}={getattr(args, k)}" for k in
-                      ("layers", "width", "heads", "vocab", "batch", "length", "steps", "lr", "threads")]
+                      ("layers", "width", "heads", "vocab", "batch", "length", "steps", "lr", "threads", "where")]
     return args
 
 
@@ -276,6 +320,10 @@ def main(argv=None) -> list[dict]:
     checks = targets(rows)
     table = markdown(rows, checks)
     print(table)
+    for row in rows if args.where else []:
+        print(f"{row['ranks']} ranks, {row['method']}: highest peaks above resting in one step (rank 0), MB")
+        for interval, mb in sorted(row["where"], key=lambda item: -item[1])[:args.where]:
+            print(f"  {mb:7.1f}  {interval}")
     machine = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                "processor": platform.processor() or platform.machine(), "torch_threads_per_rank": args.threads,
                "backend": "gloo"}

@@ -9,7 +9,8 @@
 #   torchrun --nproc_per_node 2 recipes/sharded_finetune.py --lora 8 --checkpoint ckpt --resume
 #
 # The model is built from a GPT2Config (nothing is downloaded; pass --model-dir to start from
-# a saved HuggingFace checkpoint instead); every block is fully_shard-ed, then the root. The
+# a saved HuggingFace checkpoint instead); every block is fully_shard-ed, then the root
+# (reshard_after_forward=True: it is not held gathered through the blocks). The
 # task: each sequence counts through the vocabulary with its own start and stride (learnable:
 # the next token follows from the two before it). --optimizer sgd (default) is ForwardSGD, which
 # updates each shard in place with no .grad; adamw is ForwardGradient(AdamW), whose .grad and
@@ -51,7 +52,10 @@ def build_model(args) -> torch.nn.Module:
                                                  target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
     for block in model.get_submodule("transformer" if not args.lora else "base_model.model.transformer").h:
         fully_shard(block)
-    fully_shard(model)
+    # The root resharded after forward too (FSDP2 keeps it gathered by default, for the backward
+    # pass that a forward-gradient step does not run): the embeddings are then gathered for their
+    # lookup and again for the final norm and tied head, and not held while the blocks run.
+    fully_shard(model, reshard_after_forward=True)
     return model
 
 

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fwdgrad_plugins.errors import UnsupportedShardingError
-from fwdgrad_plugins.tangents.streaming import CounterStream, TangentStream, tangent_stream
+from fwdgrad_plugins.tangents.streaming import CounterStream, LazyDirection, TangentStream, tangent_stream
 from fwdgrad_plugins.tangents.tangent import RankOne
 
 _FSDP2 = "FSDP2 (torch.distributed.fsdp.fully_shard; in Accelerate, fsdp_version: 2)"
@@ -150,9 +151,9 @@ class Sharding:
         dist.all_reduce(total, group=self.group)
         return total / dist.get_world_size(self.group)
 
-    def forward_tangents(self, sampler, num_directions: int, seed: int) -> TangentStream:
+    def forward_tangents(self, sampler, num_directions: int, seed: int) -> "GatheredTangents":
         """The step's tangents keyed on the gathered parameters, drawn per layer as it runs."""
-        return _counter_stream(sampler, self.gathered, num_directions, seed)
+        return GatheredTangents(_counter_stream(sampler, self.gathered, num_directions, seed))
 
     def local_tangents(self, sampler, num_directions: int, seed: int) -> ShardRows:
         """The same tangents, restricted to this rank's rows, in the shards' dtypes."""
@@ -163,7 +164,7 @@ class Sharding:
         gathered parameters, with the modules resharded after; its frozen rows numbered
         within the shards."""
         tangents = self.forward_tangents(sampler, num_directions, seed)
-        with self.forward_pass():
+        with self.forward_pass(tangents):
             result = estimator.derivatives(closure, self.gathered, tangents)
         return dataclasses.replace(result, frozen_rows=self.local_frozen_rows(result.frozen_rows))
 
@@ -184,24 +185,159 @@ class Sharding:
                                   shape=param.shape, stride=param.stride())
 
     @contextlib.contextmanager
-    def forward_pass(self) -> Iterator[None]:
+    def forward_pass(self, tangents: Optional["GatheredTangents"] = None) -> Iterator[None]:
         """Run the closure inside; every FSDP2 module that ran is resharded after, even on
-        an error (a gathered root would serve the next forward pass stale parameters)."""
+        an error (a gathered root would serve the next forward pass stale parameters).
+
+        With the step's ``tangents``, FSDP2's own work on the gathered parameters (gathering
+        them before a module runs, resharding them after) draws no tangent: the parameter
+        swap would otherwise draw a layer's tangents for FSDP2's reads of the tensors it
+        fills, to no use, and hold them while the layer's all-gather buffers are live. The
+        tangents a pass keeps for a module's repeated lookups are dropped when any module's
+        forward ends (a later use, such as a tied embedding's at the language-model head,
+        redraws the same values): so the embedding's tangent is not held through the blocks,
+        nor the head's through the loss. On CPU each module is gathered here, just before
+        FSDP2's pre-forward hook would, so that the all-gather's output buffer is freed
+        once it is copied out: in a forward pass FSDP2 keeps it until the next module's
+        all-gather, to overlap the two on a GPU's streams, which a CPU does not have."""
         from torch.distributed.fsdp import FSDPModule
 
         ran: dict[int, nn.Module] = {id(m): m for m in self.modules}
 
+        outer = _outer_units(self.modules) if tangents is not None else {}
+
         def record(module, args):
             if isinstance(module, FSDPModule):
                 ran.setdefault(id(module), module)
+                for unit, (_, nested) in outer.items():
+                    if id(module) in nested:
+                        with tangents.paused():
+                            unit.reshard()  # a no-op unless the unit reshards after forward
 
-        handle = nn.modules.module.register_module_forward_pre_hook(record)
+        handles = [nn.modules.module.register_module_forward_pre_hook(record)]
+        for unit, (users, _) in outer.items():
+
+            def gather(module, args, unit=unit):
+                with tangents.paused():
+                    handle = unit.unshard(async_op=True)  # (a no-op if gathered) waited at once,
+                    if handle is not None:  # so its all-gather buffer is freed after copy-out
+                        handle.wait()
+
+            def reshard(module, args, output, unit=unit):
+                with tangents.paused():
+                    unit.reshard()  # a no-op unless the unit reshards after forward
+
+            handles += [user.register_forward_pre_hook(gather) for user in users]
+            handles.append(users[-1].register_forward_hook(reshard))  # e.g. before the loss
+        if tangents is not None:
+            gather_here = all(g.device.type == "cpu" for g in self.gathered)
+
+            def before_fsdp_pre_forward(module, args):
+                tangents.pause()
+                tangents.release()
+                if gather_here:
+                    module.unshard()
+
+            def before_fsdp_post_forward(module, args, output):
+                tangents.pause()
+
+            def after_fsdp_hook(module, *args):
+                tangents.resume()
+
+            def after_any_module(module, args, output):
+                tangents.release()
+
+            handles.append(nn.modules.module.register_module_forward_hook(after_any_module))
+
+            for module in self.modules:  # FSDP2's hooks: pre-forward prepended, post-forward appended
+                handles += [module.register_forward_pre_hook(before_fsdp_pre_forward, prepend=True),
+                            module.register_forward_pre_hook(after_fsdp_hook),
+                            module.register_forward_hook(before_fsdp_post_forward, prepend=True),
+                            module.register_forward_hook(after_fsdp_hook)]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            if tangents is not None:
+                tangents.resume()
+                tangents.release()
             for module in ran.values():
                 module.reshard()
+
+
+class GatheredTangents(CounterStream):
+    """A :class:`~fwdgrad_plugins.tangents.streaming.CounterStream` keyed on FSDP2's
+    gathered parameters (the same draws), whose direction mappings :meth:`pause` hides while
+    FSDP2 itself touches those tensors, and whose kept tangents :meth:`release` drops."""
+
+    def __init__(self, stream: CounterStream):
+        self.__dict__.update(stream.__dict__)
+        self.hidden = False
+        self._directions: "weakref.WeakSet[_PausableDirection]" = weakref.WeakSet()
+
+    def direction_mapping(self, k: int) -> LazyDirection:
+        direction = _PausableDirection(self, k)
+        self._directions.add(direction)
+        return direction
+
+    def pause(self) -> None:
+        self.hidden = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        was, self.hidden = self.hidden, True
+        try:
+            yield
+        finally:
+            self.hidden = was
+
+    def resume(self) -> None:
+        self.hidden = False
+
+    def release(self) -> None:
+        for direction in list(self._directions):
+            direction.release()
+
+
+class _PausableDirection(LazyDirection):
+    """A :class:`LazyDirection` that holds no parameter while its stream is paused."""
+
+    def __getitem__(self, key: int):
+        if self.stream.hidden:
+            raise KeyError(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        return not self.stream.hidden and super().__contains__(key)
+
+    __hash__ = object.__hash__  # (a Mapping's __eq__ would leave it unhashable, and a WeakSet hashes)
+    __eq__ = object.__eq__
+
+
+def _outer_units(modules: Sequence[nn.Module]) -> dict:
+    """The FSDP2 units among ``modules`` that hold other units (a model's root), each as
+    ``unit: (users, nested)``: ``users`` the modules of the unit's own that hold its
+    parameters, in the order the unit registers them (a GPT-2's embeddings, final norm and
+    tied head), ``nested`` the ids of the units inside it. A unit that computes with a
+    parameter of its own directly (not through such a module), or has none, is left out.
+
+    A unit set to reshard after forward (``fully_shard(model, reshard_after_forward=True)``;
+    FSDP2 keeps the root gathered otherwise, for a backward pass that a forward-gradient step
+    does not run) is then resharded while the units inside it run and after its last user,
+    and gathered again before a user runs: the same values, one more all-gather of the unit
+    per step where its users run before and after the units inside it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = {}
+    for unit in modules:
+        inner = [m for m in unit.modules() if m is not unit and isinstance(m, FSDPModule)]
+        nested = {id(m) for unit_inside in inner for m in unit_inside.modules()}
+        users = [m for m in unit.modules() if m is not unit and id(m) not in nested
+                 and next(m.parameters(recurse=False), None) is not None]
+        if inner and users and next(unit.parameters(recurse=False), None) is None:
+            found[unit] = (users, {id(m) for m in inner})
+    return found
 
 
 def _counter_stream(sampler, params, num_directions: int, seed: int) -> CounterStream:

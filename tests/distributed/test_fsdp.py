@@ -27,15 +27,16 @@ from processes import free_port
 from fsdp_worker import CASES
 
 WORKER = Path(__file__).resolve().parents[1] / "fsdp_worker.py"
+ROOT_WORKER = Path(__file__).resolve().parent / "root_reshard_worker.py"
 
 EXACT = {"mlp-sgd", "mlp-forward-sgd", "mlp-spsa", "gpt2-sgd", "gpt2-forward-sgd", "gpt2-lora-adam", "llama-sgd",
          "mlp-forward-sgd-rank1-k2"}
 
 
-def run_ranks(world: int, *cases: str, timeout: int = 240, **env) -> list[dict]:
+def run_ranks(world: int, *cases: str, timeout: int = 240, worker: Path = WORKER, **env) -> list[dict]:
     port = str(free_port())
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONWARNINGS": "ignore", **env}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), port, *cases],
+    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), str(world), port, *cases],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in range(world)]
     outputs = [p.communicate(timeout=timeout) for p in procs]
@@ -66,6 +67,28 @@ def test_four_ranks_match_replicated_with_an_empty_shard():
         ranks = [r for r in results if r["case"] == case]
         assert len(ranks) == 4
         check_parity(case, ranks)
+
+
+@pytest.mark.slow
+def test_a_root_resharded_after_forward_is_gathered_again_for_its_head_and_matches_replicated():
+    """fully_shard(model, reshard_after_forward=True): the root is resharded while the blocks
+    run and gathered again for the final norm and the tied head: one more all-gather of the
+    root per step, and the same parameters as the replicated run."""
+    cases = ["gpt2-forward-sgd", "gpt2-sgd", "llama-sgd", "gpt2-lora-adam"]
+    results = run_ranks(2, *cases, worker=ROOT_WORKER)
+    for case in cases:
+        ranks = [r for r in results if r["case"] == case]
+        assert len(ranks) == 2
+        check_parity(case, ranks)
+        if case != "gpt2-lora-adam":  # (LoRA: the root holds frozen parameters only, and is left alone)
+            # a step: two blocks, and the root twice (at the start, and for the final norm and
+            # the head); and once, before the first step, each of the 3 units to find its
+            # gathered parameters
+            assert all(r["calls"]["all_gather_single"] == 4 * r["steps"] + 3 for r in ranks), ranks
+    for r in (r for r in results if r["case"] == "root-check"):
+        # the replicated runs, and LoRA's, hold the root gathered; the trained sharded runs do not
+        gathered = r["root_gathered_in_blocks"]
+        assert gathered.count(False) == 3 * 2 * 3, gathered  # 3 cases x 2 blocks x 3 steps
 
 
 def check_parity(case, ranks):
