@@ -118,7 +118,7 @@ def train(case, rank, sharded):
         if name == "forward-sgd":
             estimator.step = lambda closure: step(closure, reduce=mean_over_processes)
         else:
-            estimator.backward = lambda closure, params: step(closure, params, reduce=mean_over_processes)
+            estimator.backward = lambda closure, params, **kw: step(closure, params, reduce=mean_over_processes, **kw)
     losses, grads_are_shards, traffic = [], True, CollectiveTraffic()
     for x, y in batches(kind, rank):
         opt.zero_grad()
