@@ -47,6 +47,7 @@ class Method:
     params: str | None = None  # "full", "lora", "head"; None: --params
     checkpointing: bool = False
     options: dict = field(default_factory=dict, hash=False)
+    micro_batches: int = 1  # >1: the batch's estimate is the sum of this many micro-batches' (each its own tangents)
 
 
 # Learning rates: each method's best of a sweep on seed 0 (docs/finetuning.md); the same for
@@ -64,6 +65,10 @@ METHODS = {
     "per-example-span": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}),
     "per-example-span-1": Method("weight-per-example-span", lr=3e-3),  # one pass per step
     "activity": Method("activity", lr=3e-4),
+    "fg-mb2": Method("weight", optimizer="sgd", lr=1e-4, micro_batches=2),
+    "fg-adam-mb2": Method("weight", lr=1e-4, micro_batches=2),
+    "per-example-span-mb4": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}, micro_batches=4),
+    "per-example-span-1-mb4": Method("weight-per-example-span", lr=3e-3, micro_batches=4),
     "backprop-head": Method(lr=1e-3, params="head"),
     "spsa-head": Method("spsa", optimizer="sgd", lr=1e-2, params="head", options={"epsilon": 1e-3}),
     "fg-head-k16": Method("weight", num_directions=16, lr=1e-3, params="head"),
@@ -191,19 +196,31 @@ def make_step(task, pretrained, method: Method, seed: int, dtype: torch.dtype):
         return model, step
     optimizer = ForwardGradient(inner, estimator=method.estimator, num_directions=method.num_directions,
                                 tangents=method.tangents, seed=seed, estimator_options=method.options)
-    # A jvp that carries K tangents counts as K forward passes; SPSA's closure runs twice per direction.
+    # A jvp that carries K tangents counts as K forward passes; SPSA's closure runs twice per
+    # direction; a pass over one of m micro-batches counts as 1/m of a pass.
     per_call = method.num_directions if method.estimator != "spsa" else 1
+    m = method.micro_batches
 
     def step(batch):
         calls = [0]
 
-        def closure():
-            calls[0] += 1
-            return task.loss(model, batch)
+        def closure_of(part, scale):
+            def closure():
+                calls[0] += 1
+                return task.loss(model, part) * scale
+            return closure
 
         optimizer.zero_grad()
-        loss = optimizer.step(closure)
-        return loss, calls[0] * per_call
+        if m == 1:
+            loss = optimizer.step(closure_of(batch, 1.0))
+            return loss, calls[0] * per_call
+        # Gradient accumulation: each micro-batch's estimate (its own tangents) adds to .grad,
+        # the loss of each scaled by 1/m so that the sum estimates the batch's mean loss.
+        parts = zip(*(b.chunk(m) if b is not None else [None] * m for b in batch))
+        estimates = [optimizer.estimator.backward(closure_of(part, 1.0 / m), params) for part in parts]
+        if not any(e.skipped for e in estimates):
+            inner.step()
+        return sum(e.loss for e in estimates), calls[0] * per_call / m
     return model, step
 
 
@@ -247,6 +264,7 @@ def describe(method: Method) -> str:
     if method.estimator is None:
         return f"backprop{' + checkpointing' if method.checkpointing else ''}, {method.optimizer} lr {method.lr:g}, {method.params}"
     options = "".join(f", {k}={v}" for k, v in method.options.items())
+    options += f", {method.micro_batches} micro-batches" if method.micro_batches > 1 else ""
     return (f"{method.estimator} K={method.num_directions} {method.tangents}{options}, "
             f"{method.optimizer} lr {method.lr:g}, {method.params}")
 
