@@ -62,6 +62,7 @@ METHODS = {
     "fg-k16": Method("weight", num_directions=16, lr=1e-4),
     "fg-k64": Method("weight", num_directions=64, lr=3e-4),
     "blockwise-k8": Method("blockwise-parameter", num_directions=8, lr=3e-4),
+    "blockwise-adam": Method("blockwise-parameter", lr=1e-3),  # one direction per tensor, one pass each
     "per-example-span": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}),
     "per-example-span-1": Method("weight-per-example-span", lr=3e-3),  # one pass per step
     "activity": Method("activity", lr=3e-4),
