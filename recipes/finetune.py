@@ -55,9 +55,9 @@ class Method:
 METHODS = {
     "backprop": Method(lr=1e-3),
     "backprop-ckpt": Method(lr=1e-3, checkpointing=True),
-    "spsa": Method("spsa", optimizer="sgd", lr=1e-4, options={"epsilon": 1e-3}),  # MeZO
+    "spsa": Method("spsa", optimizer="sgd", lr=5e-4, options={"epsilon": 1e-3}),  # MeZO
     "spsa-adam": Method("spsa", lr=1e-4, options={"epsilon": 1e-3}),
-    "fg": Method("weight", optimizer="sgd", lr=1e-4),  # the paper's FG-W, plain SGD
+    "fg": Method("weight", optimizer="sgd", lr=5e-4),  # the paper's FG-W, plain SGD, at SPSA's lr
     "fg-adam": Method("weight", lr=1e-4),
     "fg-k16": Method("weight", num_directions=16, lr=1e-4),
     "fg-k64": Method("weight", num_directions=64, lr=3e-4),
@@ -69,13 +69,14 @@ METHODS = {
     "fg-mb2": Method("weight", optimizer="sgd", lr=1e-4, micro_batches=2),
     "fg-adam-mb2": Method("weight", lr=1e-4, micro_batches=2),
     "per-example-span-mb4": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}, micro_batches=4),
-    "per-example-span-1-mb4": Method("weight-per-example-span", lr=3e-3, micro_batches=4),
+    # one pass per step over 4 micro-batches of a quarter of the batch: a quarter of the activations
+    "per-example-span-1-mb4": Method("weight-per-example-span", lr=1e-3, micro_batches=4),
     "backprop-head": Method(lr=1e-3, params="head"),
     "spsa-head": Method("spsa", optimizer="sgd", lr=1e-2, params="head", options={"epsilon": 1e-3}),
     "fg-head-k16": Method("weight", num_directions=16, lr=1e-3, params="head"),
 }
 RECOMMENDED = {  # (task, --params): the configuration docs/finetuning.md recommends
-    ("mnist-transfer", "full"): "per-example-span", ("mnist-transfer", "head"): "fg-head-k16",
+    ("mnist-transfer", "full"): "per-example-span-1-mb4", ("mnist-transfer", "head"): "fg-head-k16",
     ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "fg-adam",
     ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "fg-adam",
 }
