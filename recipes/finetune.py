@@ -67,7 +67,7 @@ METHODS = {
     "per-example-span-1": Method("weight-per-example-span", lr=3e-3),  # one pass per step
     "activity": Method("activity", lr=3e-4),
     "fg-mb2": Method("weight", optimizer="sgd", lr=1e-4, micro_batches=2),
-    "fg-adam-mb2": Method("weight", lr=1e-4, micro_batches=2),
+    "fg-adam-mb2": Method("weight", lr=1e-4, micro_batches=2),  # two directions, each on half the batch
     "per-example-span-mb4": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}, micro_batches=4),
     # one pass per step over 4 micro-batches of a quarter of the batch: a quarter of the activations
     "per-example-span-1-mb4": Method("weight-per-example-span", lr=1e-3, micro_batches=4),

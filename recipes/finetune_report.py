@@ -1,6 +1,7 @@
 """Reading recipes/finetune.py's results: the table, the plots, and the targets.
 
     python recipes/finetune_report.py runs/finetune/*/results.json
+    python recipes/finetune_report.py --merge runs/finetune/lm.json runs/finetune/lm-a/results.json runs/finetune/lm-b/results.json
 
 prints each run's table and the targets: the recommended forward-gradient configuration
 against SPSA at equal forward passes and seconds (and its memory over SPSA's), the share of
@@ -150,11 +151,33 @@ def kept_share(fp32: dict, bf16: dict, method: str) -> float:
     return gains[1] / gains[0]
 
 
+def merged(parts: list[dict]) -> dict:
+    """One results.json from runs of the same task, --params and --dtype that ran different
+    methods side by side (in separate processes, at the same time): the methods of each, in
+    order, and the commands of all."""
+    keys = {(r["task"], r["params"], r["dtype"]) for r in parts}
+    if len(keys) != 1:
+        raise ValueError(f"can only merge runs of one task, --params and --dtype, got {sorted(keys)}")
+    out = {**parts[0], "methods": {}, "command": " ; ".join(r["command"] for r in parts)}
+    for r in parts:
+        clash = set(r["methods"]) & set(out["methods"])
+        if clash:
+            raise ValueError(f"method(s) {sorted(clash)} in more than one of the runs")
+        out["methods"].update(r["methods"])
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", nargs="+", help="results.json files of recipes/finetune.py")
+    parser.add_argument("--merge", metavar="OUT", help="write the runs' methods into one results.json OUT "
+                        "(runs of one task that ran methods in separate processes), then report it")
     args = parser.parse_args(argv)
     loaded = [json.loads(Path(path).read_text()) for path in args.results]
+    if args.merge:
+        loaded = [merged(loaded)]
+        Path(args.merge).write_text(json.dumps(loaded[0], indent=1))
+        plot(loaded[0], Path(args.merge).with_suffix(".png"))
     from finetune import RECOMMENDED  # the name "recommended" stands for, where a run named it
 
     for results in loaded:

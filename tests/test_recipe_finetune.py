@@ -158,3 +158,17 @@ def test_micro_batches_sum_to_an_unbiased_estimate_of_the_batch_gradient():
     assert error.max() < 4.5  # within 4.5 standard errors, every coordinate
     # not the sum of the two micro-batches' mean losses (twice the gradient)
     assert (steps.mean(0) - 2 * exact).norm() > 5 * (steps.mean(0) - exact).norm()
+
+
+def test_merge_joins_methods_of_one_task_and_refuses_others():
+    from finetune_report import merged
+
+    a = synthetic({"recommended": [[0, 0.0, 40.0], [10, 1.0, 60.0]]})
+    b = synthetic({"spsa": [[0, 0.0, 40.0], [10, 1.0, 50.0]]})
+    a["command"], b["command"] = "python a", "python b"
+    both = merged([a, b])
+    assert list(both["methods"]) == ["recommended", "spsa"] and both["command"] == "python a ; python b"
+    with pytest.raises(ValueError):
+        merged([a, a])  # the same method twice
+    with pytest.raises(ValueError):
+        merged([a, {**b, "params": "lora"}])
