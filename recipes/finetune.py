@@ -66,17 +66,21 @@ METHODS = {
     "per-example-span": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}),
     "per-example-span-1": Method("weight-per-example-span", lr=3e-3),  # one pass per step
     "activity": Method("activity", lr=3e-4),
-    "fg-mb2": Method("weight", optimizer="sgd", lr=1e-4, micro_batches=2),
+    # FG-W with SGD over 2 (4) micro-batches, each its own direction: half (a quarter) of the activations
+    "fg-mb2": Method("weight", optimizer="sgd", lr=7e-4, micro_batches=2),
+    "fg-mb4": Method("weight", optimizer="sgd", lr=1e-3, micro_batches=4),
     "fg-adam-mb2": Method("weight", lr=1e-4, micro_batches=2),  # two directions, each on half the batch
     "per-example-span-mb4": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}, micro_batches=4),
     # one pass per step over 4 micro-batches of a quarter of the batch: a quarter of the activations
     "per-example-span-1-mb4": Method("weight-per-example-span", lr=1e-3, micro_batches=4),
+    "per-example-1-mb4": Method("weight-per-example", lr=1e-3, micro_batches=4),
+    "per-example-span-1-mb2": Method("weight-per-example-span", lr=1e-3, micro_batches=2),
     "backprop-head": Method(lr=1e-3, params="head"),
     "spsa-head": Method("spsa", optimizer="sgd", lr=1e-2, params="head", options={"epsilon": 1e-3}),
     "fg-head-k16": Method("weight", num_directions=16, lr=1e-3, params="head"),
 }
 RECOMMENDED = {  # (task, --params): the configuration docs/finetuning.md recommends
-    ("mnist-transfer", "full"): "per-example-span-1-mb4", ("mnist-transfer", "head"): "fg-head-k16",
+    ("mnist-transfer", "full"): "fg-mb2", ("mnist-transfer", "head"): "fg-head-k16",
     ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "fg-adam",
     ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "fg-adam",
 }
