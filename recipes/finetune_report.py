@@ -51,7 +51,7 @@ def markdown(results: dict) -> str:
     metric = results["metric"]
     lines = [f"{results['task']} ({metric}, {'higher' if results['higher_is_better'] else 'lower'} is better; "
              f"mean of seeds {', '.join(results['seeds'])}; start {rows[0]['start']:.3f})", "",
-             f"| method | configuration | final (per seed) | at {passes} forward passes | at {seconds:.1f} s | "
+             f"| method | configuration | final (per seed) | at {passes:g} forward passes | at {seconds:.1f} s | "
              "forward passes | seconds | ms/step | peak MB above resting |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -118,7 +118,7 @@ def targets(results: dict, recommended: str = "recommended") -> list[str]:
         fg_s, sp_s = (statistics.mean(at(r["curve"], 1, seconds) for r in rs) for rs in (rec, spsa))
         memory = statistics.mean(r["peak_mb"] for r in rec) / max(statistics.mean(r["peak_mb"] for r in spsa), 1e-9)
         met = better(results, fg_p, sp_p) and better(results, fg_s, sp_s) and memory <= 2
-        lines.append(f"- {recommended} against {spsa_name}: {fg_p:.3f} vs {sp_p:.3f} at {passes} forward passes, "
+        lines.append(f"- {recommended} against {spsa_name}: {fg_p:.3f} vs {sp_p:.3f} at {passes:g} forward passes, "
                      f"{fg_s:.3f} vs {sp_s:.3f} at {seconds:.1f} s, memory {memory:.2f}x: "
                      f"**{'met' if met else 'missed'}**")
     if "backprop" in methods:
