@@ -185,7 +185,8 @@ def main(argv=None) -> None:
         name = "recommended" if "recommended" in results["methods"] else RECOMMENDED.get((results["task"], results["params"]))
         print("\n".join(targets(results, name)) + "\n")
     for bf16 in (r for r in loaded if r["dtype"] == "bfloat16"):
-        for fp32 in (r for r in loaded if r["dtype"] == "float32" and (r["task"], r["params"]) == (bf16["task"], bf16["params"])):
+        same = ("task", "params", "budget_forward_passes", "budget_seconds")  # a float32 run of the same budget
+        for fp32 in (r for r in loaded if r["dtype"] == "float32" and all(r.get(k) == bf16.get(k) for k in same)):
             for method in bf16["methods"]:
                 if method in fp32["methods"]:  # the recommended one by its name, and SPSA
                     share = kept_share(fp32, bf16, method)
