@@ -50,8 +50,9 @@ class Method:
     micro_batches: int = 1  # >1: the batch's estimate is the sum of this many micro-batches' (each its own tangents)
 
 
-# Learning rates: each method's best of a sweep on seed 0 (docs/finetuning.md); the same for
-# full fine-tuning and LoRA unless a task names them apart.
+# Learning rates: on mnist-transfer, spsa, fg-mb2 and the per-example ones are the best of a
+# seed-0 sweep (docs/finetuning.md lists the sweeps; fg takes SPSA's); the same for full
+# fine-tuning and LoRA unless TASK_LRS names a task's apart.
 METHODS = {
     "backprop": Method(lr=1e-3),
     "backprop-ckpt": Method(lr=1e-3, checkpointing=True),
@@ -73,8 +74,6 @@ METHODS = {
     "per-example-span-mb4": Method("weight-per-example-span-blockwise", lr=3e-3, options={"blocks": "parameter"}, micro_batches=4),
     # one pass per step over 4 micro-batches of a quarter of the batch: a quarter of the activations
     "per-example-span-1-mb4": Method("weight-per-example-span", lr=1e-3, micro_batches=4),
-    "per-example-1-mb4": Method("weight-per-example", lr=1e-3, micro_batches=4),
-    "per-example-span-1-mb2": Method("weight-per-example-span", lr=1e-3, micro_batches=2),
     "backprop-head": Method(lr=1e-3, params="head"),
     "spsa-head": Method("spsa", optimizer="sgd", lr=1e-2, params="head", options={"epsilon": 1e-3}),
     "fg-head-k16": Method("weight", num_directions=16, lr=1e-3, params="head"),
@@ -92,6 +91,8 @@ TASK_LRS = {  # (task, method): lr where a task's differs from METHODS' (LoRA ad
     **{(task, "fg-adam"): 3e-3 for task in ("lm-domain", "prompt-classification")},
     **{(task, "per-example-span-1-mb4"): 3e-3 for task in ("lm-domain", "prompt-classification")},
     **{(task, "blockwise-k8"): 3e-3 for task in ("lm-domain", "prompt-classification")},
+    **{(task, "blockwise-adam"): 1e-2 for task in ("lm-domain", "prompt-classification")},
+    **{(task, "fg-adam-mb2"): 3e-3 for task in ("lm-domain", "prompt-classification")},  # fg-adam's, not swept
 }
 
 
