@@ -1,6 +1,7 @@
 """Reading recipes/finetune.py's results: the table, the plots, and the targets.
 
     python recipes/finetune_report.py runs/finetune/*/results.json
+    python recipes/finetune_report.py --merge runs/finetune/lm.json runs/finetune/lm-a/results.json runs/finetune/lm-b/results.json
 
 prints each run's table and the targets: the recommended forward-gradient configuration
 against SPSA at equal forward passes and seconds (and its memory over SPSA's), the share of
@@ -50,7 +51,7 @@ def markdown(results: dict) -> str:
     metric = results["metric"]
     lines = [f"{results['task']} ({metric}, {'higher' if results['higher_is_better'] else 'lower'} is better; "
              f"mean of seeds {', '.join(results['seeds'])}; start {rows[0]['start']:.3f})", "",
-             f"| method | configuration | final (per seed) | at {passes} forward passes | at {seconds:.1f} s | "
+             f"| method | configuration | final (per seed) | at {passes:g} forward passes | at {seconds:.1f} s | "
              "forward passes | seconds | ms/step | peak MB above resting |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -117,7 +118,7 @@ def targets(results: dict, recommended: str = "recommended") -> list[str]:
         fg_s, sp_s = (statistics.mean(at(r["curve"], 1, seconds) for r in rs) for rs in (rec, spsa))
         memory = statistics.mean(r["peak_mb"] for r in rec) / max(statistics.mean(r["peak_mb"] for r in spsa), 1e-9)
         met = better(results, fg_p, sp_p) and better(results, fg_s, sp_s) and memory <= 2
-        lines.append(f"- {recommended} against {spsa_name}: {fg_p:.3f} vs {sp_p:.3f} at {passes} forward passes, "
+        lines.append(f"- {recommended} against {spsa_name}: {fg_p:.3f} vs {sp_p:.3f} at {passes:g} forward passes, "
                      f"{fg_s:.3f} vs {sp_s:.3f} at {seconds:.1f} s, memory {memory:.2f}x: "
                      f"**{'met' if met else 'missed'}**")
     if "backprop" in methods:
@@ -150,11 +151,33 @@ def kept_share(fp32: dict, bf16: dict, method: str) -> float:
     return gains[1] / gains[0]
 
 
+def merged(parts: list[dict]) -> dict:
+    """One results.json from runs of the same task, --params and --dtype that ran different
+    methods side by side (in separate processes, at the same time): the methods of each, in
+    order, and the commands of all."""
+    keys = {(r["task"], r["params"], r["dtype"]) for r in parts}
+    if len(keys) != 1:
+        raise ValueError(f"can only merge runs of one task, --params and --dtype, got {sorted(keys)}")
+    out = {**parts[0], "methods": {}, "command": " ; ".join(r["command"] for r in parts)}
+    for r in parts:
+        clash = set(r["methods"]) & set(out["methods"])
+        if clash:
+            raise ValueError(f"method(s) {sorted(clash)} in more than one of the runs")
+        out["methods"].update(r["methods"])
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", nargs="+", help="results.json files of recipes/finetune.py")
+    parser.add_argument("--merge", metavar="OUT", help="write the runs' methods into one results.json OUT "
+                        "(runs of one task that ran methods in separate processes), then report it")
     args = parser.parse_args(argv)
     loaded = [json.loads(Path(path).read_text()) for path in args.results]
+    if args.merge:
+        loaded = [merged(loaded)]
+        Path(args.merge).write_text(json.dumps(loaded[0], indent=1))
+        plot(loaded[0], Path(args.merge).with_suffix(".png"))
     from finetune import RECOMMENDED  # the name "recommended" stands for, where a run named it
 
     for results in loaded:
@@ -162,7 +185,8 @@ def main(argv=None) -> None:
         name = "recommended" if "recommended" in results["methods"] else RECOMMENDED.get((results["task"], results["params"]))
         print("\n".join(targets(results, name)) + "\n")
     for bf16 in (r for r in loaded if r["dtype"] == "bfloat16"):
-        for fp32 in (r for r in loaded if r["dtype"] == "float32" and (r["task"], r["params"]) == (bf16["task"], bf16["params"])):
+        same = ("task", "params", "budget_forward_passes", "budget_seconds")  # a float32 run of the same budget
+        for fp32 in (r for r in loaded if r["dtype"] == "float32" and all(r.get(k) == bf16.get(k) for k in same)):
             for method in bf16["methods"]:
                 if method in fp32["methods"]:  # the recommended one by its name, and SPSA
                     share = kept_share(fp32, bf16, method)

@@ -127,3 +127,48 @@ def test_targets_read_off_the_curves():
     assert "6.00 points behind" in lines[2] and "**missed**" in lines[2]
     # 2.5x SPSA's memory misses the first target even with the better metric
     assert "**missed**" in targets(synthetic({"recommended": faster, "spsa": spsa}, peak={"recommended": 25.0}))[0]
+
+
+class _LinearTask:
+    """A least-squares task for make_step: loss(model, (x, y)) is the batch's mean loss."""
+
+    def loss(self, model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean()
+
+
+def test_micro_batches_sum_to_an_unbiased_estimate_of_the_batch_gradient():
+    """Two micro-batches, each with its own tangent: the SGD step (lr 1) averages to minus the
+    batch gradient (autograd), and the step counts one forward pass (two half passes)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    task, start = _LinearTask(), [p.detach().clone() for p in model.parameters()]
+    exact = torch.autograd.grad(task.loss(model, (x, y)), list(model.parameters()))
+    exact = torch.cat([g.flatten() for g in exact])
+    method = finetune.Method("weight", optimizer="sgd", lr=1.0, params="full", micro_batches=2)
+    steps = []
+    for seed in range(1500):
+        trained, step = finetune.make_step(task, model, method, seed, torch.float32)
+        _, passes = step((x, y))
+        assert passes == 1
+        steps.append(torch.cat([(s - p.detach()).flatten() for s, p in zip(start, trained.parameters())]))
+    steps = torch.stack(steps)
+    error = (steps.mean(0) - exact).abs() / (steps.std(0) / len(steps) ** 0.5)
+    assert error.max() < 4.5  # within 4.5 standard errors, every coordinate
+    # not the sum of the two micro-batches' mean losses (twice the gradient)
+    assert (steps.mean(0) - 2 * exact).norm() > 5 * (steps.mean(0) - exact).norm()
+
+
+def test_merge_joins_methods_of_one_task_and_refuses_others():
+    from finetune_report import merged
+
+    a = synthetic({"recommended": [[0, 0.0, 40.0], [10, 1.0, 60.0]]})
+    b = synthetic({"spsa": [[0, 0.0, 40.0], [10, 1.0, 50.0]]})
+    a["command"], b["command"] = "python a", "python b"
+    both = merged([a, b])
+    assert list(both["methods"]) == ["recommended", "spsa"] and both["command"] == "python a ; python b"
+    with pytest.raises(ValueError):
+        merged([a, a])  # the same method twice
+    with pytest.raises(ValueError):
+        merged([a, {**b, "params": "lora"}])
