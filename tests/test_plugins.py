@@ -83,7 +83,7 @@ def test_hook_register_estimators(third_party):
     grads = {}
     for name in ("weight", "halved-weight"):
         model.zero_grad()
-        ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.0), estimator=name, seed=1).step(closure)
+        ForwardGradient(torch.optim.SGD(model.parameters(), lr=0.0), estimator=name, seed=1, keep_grads=True).step(closure)
         grads[name] = model.weight.grad.clone()
     torch.testing.assert_close(grads["halved-weight"], grads["weight"] / 2)
 
