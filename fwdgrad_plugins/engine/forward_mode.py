@@ -46,7 +46,7 @@ from fwdgrad_plugins.engine.closure_context import (
     unsupported_op_fix,
 )
 from fwdgrad_plugins.engine.rng_state import RngState
-from fwdgrad_plugins.engine.row_blocks import add_addmm_by_rows, add_linear_by_rows, looked_up_rows
+from fwdgrad_plugins.engine.row_blocks import add_product_by_rows, looked_up_rows
 from fwdgrad_plugins.engine.vmap_fallback import Refusals, warn_fallback
 from fwdgrad_plugins.errors import (
     BackwardInClosureError,
@@ -218,7 +218,7 @@ class _PerturbParameters(TorchFunctionMode):
         out = F.linear(x, weight, b_p)
         tangent = _linear_tangent(x, x_t, weight, None, None, b_t, out.dtype, self.dual_tensors)
         tangent = out.new_zeros(out.shape) if tangent is None else tangent
-        add_linear_by_rows(self.tangents, id(weight), blocks, _rows(x), tangent.view(-1, out.shape[-1]))
+        add_product_by_rows(self.tangents, id(weight), blocks, _rows(x), tangent.view(-1, out.shape[-1]))
         self.used.add(id(weight))
         return fwAD.make_dual(out, tangent)
 
@@ -286,7 +286,7 @@ class _PerturbParameters(TorchFunctionMode):
             result = torch.addmm(b_p, x, mat2)
             tangent = _linear_tangent(x, x_t, mat2.t(), None, None, b_t, result.dtype, self.dual_tensors)
             tangent = result.new_zeros(result.shape) if tangent is None else tangent
-            add_addmm_by_rows(self.tangents, id(mat2), blocks, x, tangent)
+            add_product_by_rows(self.tangents, id(mat2), blocks, x, tangent, rows_are_inputs=True)
             self.used.add(id(mat2))
             return fwAD.make_dual(result, tangent)
         w_p, w_t = self._primal_and_tangent(mat2)

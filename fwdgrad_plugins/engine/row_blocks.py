@@ -14,7 +14,7 @@ SPSA adds them, scaled by ±ε, to the layer's output at θ.
 >>> directions = LazyDirection(tangent_stream(GaussianSampler(), [W], 1, seed=0), 0)
 >>> blocks = [(0, 128), (128, 256), (256, 300)]
 >>> x, out = torch.randn(4, 8), torch.zeros(4, 300)
->>> add_linear_by_rows(directions, id(W), blocks, x, out)
+>>> add_product_by_rows(directions, id(W), blocks, x, out)
 >>> torch.allclose(out, x @ directions[id(W)].t(), atol=1e-5)
 True
 """
@@ -49,21 +49,15 @@ def looked_up_rows(directions, key: int, blocks: Blocks, indices: Tensor, skip_r
     return rows_out
 
 
-def add_linear_by_rows(directions, key: int, blocks: Blocks, inputs: Tensor, out: Tensor,
-                       alpha: float = 1.0) -> None:
-    """out += alpha · inputs Zᵀ for a linear layer's weight W (out_features, in_features):
-    ``inputs`` (N, in), ``out`` (N, out), a block of output columns at a time."""
+def add_product_by_rows(directions, key: int, blocks: Blocks, inputs: Tensor, out: Tensor, *,
+                        rows_are_inputs: bool = False, alpha: float = 1.0) -> None:
+    """out += alpha · inputs Zᵀ for a linear layer's weight W (out_features, in_features), or,
+    with ``rows_are_inputs``, out += alpha · inputs Z for ``addmm``'s W (in_features,
+    out_features): ``inputs`` (N, in), ``out`` (N, out), a block of W's rows at a time."""
     inputs = cast(inputs, out.dtype)
     for start, stop in blocks:
         rows = cast(directions.rows(key, start, stop), out.dtype)
-        out[:, start:stop].addmm_(inputs, rows.t(), alpha=alpha)
-
-
-def add_addmm_by_rows(directions, key: int, blocks: Blocks, inputs: Tensor, out: Tensor,
-                      alpha: float = 1.0) -> None:
-    """out += alpha · inputs Z for ``addmm``'s weight W (in_features, out_features):
-    ``inputs`` (N, in), ``out`` (N, out), a block of input features at a time."""
-    inputs = cast(inputs, out.dtype)
-    for start, stop in blocks:
-        rows = cast(directions.rows(key, start, stop), out.dtype)
-        out.addmm_(inputs[:, start:stop], rows, alpha=alpha)
+        if rows_are_inputs:
+            out.addmm_(inputs[:, start:stop], rows, alpha=alpha)
+        else:
+            out[:, start:stop].addmm_(inputs, rows.t(), alpha=alpha)

@@ -52,7 +52,7 @@ from fwdgrad_plugins.engine.forward_mode import (
     _check_loss,
     _with_copied_running_stats,
 )
-from fwdgrad_plugins.engine.row_blocks import add_addmm_by_rows, add_linear_by_rows, looked_up_rows
+from fwdgrad_plugins.engine.row_blocks import add_product_by_rows, looked_up_rows
 from fwdgrad_plugins.errors import BackwardInClosureError, ParametersNotUsedError
 from fwdgrad_plugins.estimators.core import Estimate, Reduce, estimate_from_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
@@ -138,8 +138,8 @@ class _ShiftParameters(TorchFunctionMode):
                 return None
             x, weight = args[0], args[1]
             out = F.linear(x, weight, self._swap(args[2] if len(args) > 2 else kwargs.get("bias")))
-            add_linear_by_rows(self.directions, id(weight), blocks, x.reshape(-1, x.shape[-1]),
-                               out.view(-1, out.shape[-1]), alpha=self.scale)
+            add_product_by_rows(self.directions, id(weight), blocks, x.reshape(-1, x.shape[-1]),
+                                out.view(-1, out.shape[-1]), alpha=self.scale)
             self.used.add(id(weight))
             return out
         if func is torch.addmm and len(args) == 3 and not kwargs:
@@ -147,7 +147,8 @@ class _ShiftParameters(TorchFunctionMode):
             if blocks is None:
                 return None
             out = torch.addmm(self._swap(args[0]), args[1], args[2])
-            add_addmm_by_rows(self.directions, id(args[2]), blocks, args[1], out, alpha=self.scale)
+            add_product_by_rows(self.directions, id(args[2]), blocks, args[1], out, rows_are_inputs=True,
+                                alpha=self.scale)
             self.used.add(id(args[2]))
             return out
         if func in (Tensor.narrow, torch.narrow) and len(args) == 4 and args[1] in (0, -args[0].dim()):
