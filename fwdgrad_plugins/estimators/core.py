@@ -141,7 +141,7 @@ class ForwardGradientEstimator:
         params = trainable_parameters(params)
         sharded = sharding(params)  # FSDP2 shards (None: none); refuses other sharding
         seed = derive_seed(self.seed, self.step)
-        if consume is not None and not self.can_consume(params):
+        if consume is not None and not self._can_consume(params, sharded):
             raise ValueError(f"estimator {self.options['estimator']!r} cannot hand its estimate out a few "
                              "parameters at a time here (see can_consume): call backward without consume.")
         try:
@@ -180,8 +180,10 @@ class ForwardGradientEstimator:
         """Whether :meth:`backward` can hand the estimate out a few parameters at a time: an
         estimator formed from K directional derivatives and their tangents, parameters that are
         not sharded, and no ``.grad`` to add to (every one None, as after ``zero_grad()``)."""
-        return (applies_without_grad(self.estimator) and sharding(params) is None
-                and all(p.grad is None for p in params))
+        return self._can_consume(params, sharding(params))
+
+    def _can_consume(self, params: Sequence[Tensor], sharded: Optional[Sharding]) -> bool:
+        return applies_without_grad(self.estimator) and sharded is None and all(p.grad is None for p in params)
 
     def _sharded_estimate(self, sharded: Sharding, closure, seed: int, reduce: Reduce) -> Estimate:
         """The estimate on FSDP2-sharded parameters: the derivatives from a forward pass over
