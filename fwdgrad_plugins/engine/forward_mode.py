@@ -7,7 +7,10 @@ the model, its parameters and the optimizer are never modified. ``F.linear``, ``
 absent tangents that torch's rules compute on zeros, sum the tangent in one buffer, and
 apply rank-one weight tangents ``u wᵀ`` as ``(x·w) uᵀ`` in O(batch·(in + out)).
 ``F.cross_entropy`` over a large class dimension (a language model's vocabulary) runs a
-block of rows at a time (:mod:`~fwdgrad_plugins.engine.cross_entropy`).
+block of rows at a time (:mod:`~fwdgrad_plugins.engine.cross_entropy`). A large streamed
+tangent (an embedding, an LM head) is drawn and used a block of rows at a time by the lookup,
+the linear and addmm rules and ``narrow`` (:mod:`~fwdgrad_plugins.engine.row_blocks`); reading
+a parameter's metadata draws nothing.
 
 One direction runs with ``torch.autograd.forward_ad`` dual tensors; K directions run as one
 ``torch.func.vmap`` over ``torch.func.jvp`` (the primal is computed once), falling back to K
