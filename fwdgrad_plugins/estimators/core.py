@@ -57,10 +57,16 @@ def estimate_from_derivatives(result: DirectionalDerivatives, tangents: TangentS
     the estimates plus one parameter's tangents are all that is held). ``reduce`` maps the
     K local derivatives to global ones first; a non-finite one raises
     :class:`NonFiniteDirectionalDerivativeError`."""
+    derivatives = reduced_derivatives(result, reduce)
+    return Estimate(result.loss, derivatives, list(parameter_estimates(result, tangents, derivatives)))
+
+
+def reduced_derivatives(result: DirectionalDerivatives, reduce: Optional[Reduce] = None) -> Tensor:
+    """The K derivatives after ``reduce`` (the mean over processes, if given); a non-finite
+    one raises :class:`NonFiniteDirectionalDerivativeError`."""
     derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
     check_finite(result.loss, derivatives)
-    grads = list(parameter_estimates(result, tangents, derivatives))
-    return Estimate(result.loss, derivatives, grads)
+    return derivatives
 
 
 def parameter_estimates(result: DirectionalDerivatives, tangents: TangentStream,
@@ -150,9 +156,7 @@ class ForwardGradientEstimator:
             elif consume is not None:
                 tangents = self.estimator.tangents(self.sampler, params, self.num_directions, seed)
                 result = self.estimator.derivatives(closure, params, tangents)
-                derivatives = result.derivatives if reduce is None else reduce(result.derivatives)
-                check_finite(result.loss, derivatives)
-                estimate = Estimate(result.loss, derivatives, [])
+                estimate = Estimate(result.loss, reduced_derivatives(result, reduce), [])
             else:
                 estimate = self.estimator.estimate(closure, params, sampler=self.sampler,
                                                    num_directions=self.num_directions, seed=seed, reduce=reduce)
