@@ -3,10 +3,9 @@
 A stack of GPT-2 blocks (HuggingFace ``GPT2LMHeadModel``, sdpa attention, causal) at sequence
 length 2048 trains with ``ForwardGradient.step`` (SGD, gaussian tangents). Two methods:
 
-- ``math``: every attention takes torch's math kernel (the rule's threshold ``BLOCK_SIZE``
-  raised above the sequence length), which materialises the (batch, heads, L, L) scores, their
-  softmax and both tangents;
-- ``blocked``: the default, ``fwdgrad_plugins.engine.attention``'s rule, keys in blocks of
+- ``math``: every attention takes torch's math kernel (the engine's attention rule bypassed),
+  which materialises the (batch, heads, L, L) scores, their softmax and both tangents;
+- ``blocked``: the default, ``fwdgrad_plugins.engine.attention``'s rule, queries in blocks of
   ``--block-size``.
 
 Step time: both methods in one process, interleaved round by round; the ratio is the median
@@ -22,6 +21,7 @@ run, gradients released), with glibc handing freed blocks above 64 KiB back (as
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import unittest.mock
 
 import torch
 
@@ -60,21 +61,27 @@ def runner(method, args, device):
     """One forward-gradient step of ``method``: a function taking no arguments."""
     model, closure = build(args, device)
     opt = ForwardGradient(torch.optim.SGD(model.parameters(), lr=1e-6), num_directions=args.directions, seed=0)
-    block = args.length + 1 if method == "math" else args.block_size
+    rule = attention.scaled_dot_product_attention
+    if method == "math":
+        rule = lambda *args, single_direction, **kwargs: torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)  # noqa: E731
+    else:
+        rule = functools.partial(_with_block_size, rule, args.block_size)
 
     def step():
-        previous = attention.BLOCK_SIZE
-        attention.BLOCK_SIZE = block
-        try:
+        with unittest.mock.patch.object(attention, "scaled_dot_product_attention", rule):
             opt.zero_grad()
             opt.step(closure)
-        finally:
-            attention.BLOCK_SIZE = previous
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     step.model = model
     return step
+
+
+def _with_block_size(rule, block_size, *args, **kwargs):
+    """The engine's attention rule with queries in blocks of ``block_size``."""
+    with unittest.mock.patch.object(attention, "BLOCK_SIZE", block_size):
+        return rule(*args, **kwargs)
 
 
 def peak_memory_here(method, args, device) -> dict:

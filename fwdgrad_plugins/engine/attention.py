@@ -1,22 +1,22 @@
 """A forward-mode rule for scaled-dot-product attention whose memory grows with seq × block.
 
 torch's math kernel materialises the (batch, heads, L, S) score matrix, its softmax and the
-tangents of both, so forward-mode memory grows with L·S. ``attention_jvp`` processes the keys
-in blocks with the flash-attention recurrence (an online softmax), carrying the tangents:
-with S_j = q k_jᵀ·scale the block's scores, dS_j = (q_t k_jᵀ + q k_tjᵀ)·scale their tangent,
-m the running row maximum and e_j = exp(S_j − m), it accumulates
+tangents of both, and computes the softmax's tangent in several passes over them.
+``attention_jvp`` takes the queries a block of rows at a time; for each block, with
+S = q kᵀ·scale its scores, P = softmax(S) and dS = (q_t kᵀ + q k_tᵀ)·scale their tangent,
 
-    l = Σ e_j,   O = Σ e_j V_j,   c = Σ (e_j ∘ dS_j) 1,   T = Σ (e_j ∘ dS_j) V_j + e_j V_tj,
+    out = P V,   out_t = (P ∘ dS) V + P V_t − c · out,   c = (P ∘ dS) 1,
 
-rescaling all four by exp(m_old − m_new) when the maximum grows. With P = softmax(S),
-dP = P ∘ (dS − (P ∘ dS) 1), so out = O / l and out_t = T / l − (c / l) · out. The running
-maximum needs no tangent: softmax does not depend on it.
+since dP = P ∘ (dS − c). Each block holds its rows' scores, softmax and P ∘ dS; with
+``is_causal`` a block sees only the keys up to its last query, so the blocks above the
+diagonal are never computed. One softmax kernel, one product and one sum over the scores,
+and four matrix products (dS in one, over the stacked [q_t q] and [k k_t]).
 
-``F.scaled_dot_product_attention`` calls that carry a tangent and see more than
-``BLOCK_SIZE`` keys take this rule (``forward_mode`` routes them here); with dropout, a mask
-that has a tangent, or few keys they take the math kernel. On CUDA, with the optional
-``jvp-flash-attention`` package installed, one direction (``forward_ad`` duals) uses its
-Triton forward + jvp kernel instead (untested in this project's CI, which has no GPU).
+``F.scaled_dot_product_attention`` calls that carry a tangent take this rule (``forward_mode``
+routes them here); with dropout or a mask that has a tangent they take the math kernel. On
+CUDA, with the optional ``jvp-flash-attention`` package installed, one direction
+(``forward_ad`` duals) uses its Triton forward + jvp kernel instead (untested in this
+project's CI, which has no GPU).
 
 >>> import torch
 >>> q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
@@ -40,7 +40,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-BLOCK_SIZE = 256  # keys per block; attention over at most this many keys takes the math kernel
+BLOCK_SIZE = 64  # queries per block
 
 
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: Optional[Tensor],
@@ -48,7 +48,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: O
                   scale: Optional[float] = None, enable_gqa: bool = False,
                   block_size: int = BLOCK_SIZE) -> tuple[Tensor, Optional[Tensor]]:
     """``F.scaled_dot_product_attention(q, k, v, ...)`` (no dropout) and its tangent along
-    (q_t, k_t, v_t), any of which may be None; keys in blocks of ``block_size``.
+    (q_t, k_t, v_t), any of which may be None; queries in blocks of ``block_size``.
 
     Shapes as torch's: q (..., H, L, E), k (..., H_kv, S, E), v (..., H_kv, S, E_v);
     ``attn_mask`` boolean (True: attend) or additive, broadcastable to (..., H, L, S).
@@ -58,53 +58,51 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: O
         k, v, k_t, v_t = (None if t is None else t.repeat_interleave(groups, dim=-3) for t in (k, v, k_t, v_t))
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     length, keys = q.shape[-2], k.shape[-2]
-    if is_causal:  # top-left aligned, as torch's is_causal
-        causal = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril()
-        attn_mask = causal if attn_mask is None else _combine_masks(attn_mask, causal, q.dtype)
-    q_scaled = q * scale
-    q_t_scaled = None if q_t is None else q_t * scale
-    row = (*torch.broadcast_shapes(q.shape[:-1], k.shape[:-2] + (length,)), 1)
-    maximum = q.new_full(row, -math.inf)
-    total = q.new_zeros(row)  # l
-    out = q.new_zeros(row[:-1] + (v.shape[-1],))  # O
-    derivative_total = None  # c
-    out_t = None  # T
-    for start in range(0, keys, block_size):
-        block = slice(start, start + block_size)
-        k_j, v_j = k[..., block, :], v[..., block, :]
-        scores = q_scaled @ k_j.transpose(-2, -1)  # (..., H, L, block)
-        scores_t = _sum(None if q_t_scaled is None else q_t_scaled @ k_j.transpose(-2, -1),
-                        None if k_t is None else q_scaled @ k_t[..., block, :].transpose(-2, -1))
-        if attn_mask is not None:
-            mask = attn_mask[..., block] if attn_mask.shape[-1] != 1 else attn_mask
-            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-        new_maximum = torch.maximum(maximum, scores.amax(-1, keepdim=True))
-        safe = new_maximum.masked_fill(new_maximum == -math.inf, 0)  # rows with every key masked
-        rescale = torch.exp(maximum - safe)
-        weights = torch.exp(scores - safe)  # e_j
-        total = total * rescale + weights.sum(-1, keepdim=True)
-        out = out * rescale + weights @ v_j
-        maximum = new_maximum
-        if scores_t is not None:
-            weighted_t = weights * scores_t  # e_j ∘ dS_j
-            term = weighted_t.sum(-1, keepdim=True)
-            derivative_total = term if derivative_total is None else derivative_total * rescale + term
-            block_t = weighted_t @ v_j
-        else:
-            block_t = None
-        if v_t is not None:
-            block_t = _sum(block_t, weights @ v_t[..., block, :])
-        if block_t is not None:
-            out_t = block_t if out_t is None else out_t * rescale + block_t
-        elif out_t is not None:
-            out_t = out_t * rescale
-    total = total.masked_fill(total == 0, 1)
-    out = out / total
-    if out_t is None:
+    if attn_mask is not None and attn_mask.dim() < 2:
+        attn_mask = attn_mask.expand(length, keys)
+    blocks = [_block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, start, min(start + block_size, length))
+              for start in range(0, length, block_size)]
+    out = blocks[0][0] if len(blocks) == 1 else torch.cat([b[0] for b in blocks], -2)
+    if blocks[0][1] is None:
         return out, None
-    out_t = out_t / total
-    if derivative_total is not None:
-        out_t = out_t - (derivative_total / total) * out
+    return out, blocks[0][1] if len(blocks) == 1 else torch.cat([b[1] for b in blocks], -2)
+
+
+def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, start, stop):
+    """The rule for queries [start, stop): their output and its tangent (or None)."""
+    keys = min(k.shape[-2], stop) if is_causal else k.shape[-2]  # top-left aligned, as torch's is_causal
+    rows, seen = slice(start, stop), slice(0, keys)
+    q, q_t = q[..., rows, :], None if q_t is None else q_t[..., rows, :]
+    k, v = k[..., seen, :], v[..., seen, :]
+    k_t, v_t = (None if t is None else t[..., seen, :] for t in (k_t, v_t))
+    mask = None if attn_mask is None else attn_mask[..., rows if attn_mask.shape[-2] != 1 else slice(None), seen]
+    if is_causal and start < keys:  # the keys after a query's own position
+        causal = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).tril(start)
+        mask = causal if mask is None else _combine_masks(mask, causal, q.dtype)
+    scores = (q * scale) @ k.mT
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
+    weights = torch.softmax(scores, -1)  # P
+    del scores
+    if mask is not None:  # a row with every key masked gives 0, not softmax's NaN
+        empty = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1, keepdim=True)
+        if empty.any():
+            weights = weights.masked_fill(empty, 0.0)
+    out = weights @ v
+    if q_t is not None and k_t is not None:  # dS = [q_t q] [k k_t]ᵀ · scale
+        scores_t = torch.cat([q_t * scale, q * scale], -1) @ torch.cat([k, k_t], -1).mT
+    elif q_t is not None:
+        scores_t = (q_t * scale) @ k.mT
+    elif k_t is not None:
+        scores_t = (q * scale) @ k_t.mT
+    else:
+        scores_t = None
+    out_t = None if v_t is None else weights @ v_t
+    if scores_t is not None:
+        weighted_t = scores_t.mul_(weights)  # P ∘ dS
+        del scores_t
+        out_t = _sum(out_t, weighted_t @ v)
+        out_t = out_t - weighted_t.sum(-1, keepdim=True) * out
     return out, out_t
 
 
@@ -121,26 +119,24 @@ def _combine_masks(mask: Tensor, causal: Tensor, dtype) -> Tensor:
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, enable_gqa=False, *, single_direction=False):
     """``F.scaled_dot_product_attention`` on dual tensors (``forward_ad`` duals when
-    ``single_direction``, else torch.func's jvp under vmap): the blocked rule when a tangent
-    is present and there are more than ``BLOCK_SIZE`` keys, else torch's own (math) kernel."""
+    ``single_direction``, else torch.func's jvp under vmap): the rule above when a tangent is
+    present, else torch's own (math) kernel."""
     (q, q_t), (k, k_t), (v, v_t) = (fwAD.unpack_dual(t) for t in (query, key, value))
     plain = (query, key, value, attn_mask, dropout_p, is_causal)
     options = {"scale": scale, "enable_gqa": enable_gqa}
     mask_has_tangent = attn_mask is not None and fwAD.unpack_dual(attn_mask).tangent is not None
     if (q_t is None and k_t is None and v_t is None) or dropout_p > 0 or mask_has_tangent:
         return F.scaled_dot_product_attention(*plain, **options)
-    if k.shape[-2] <= BLOCK_SIZE:
-        return F.scaled_dot_product_attention(*plain, **options)
     flash = _jvp_flash_attention()
     if flash is not None and single_direction and q.is_cuda and q.shape == k.shape == v.shape and not enable_gqa:
         mask = None if attn_mask is None else attn_mask.expand(*q.shape[:-1], k.shape[-2])
         return flash(query, key, value, attn_mask=mask, causal=is_causal, sm_scale=scale)
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # the running sums in float32, as flash kernels keep them
+    if dtype in (torch.float16, torch.bfloat16):  # scores and softmax in float32, as flash kernels keep them
         q, k, v, q_t, k_t, v_t = (None if t is None else t.float() for t in (q, k, v, q_t, k_t, v_t))
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.float()
-    out, out_t = attention_jvp(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, enable_gqa)
+    out, out_t = attention_jvp(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, enable_gqa, BLOCK_SIZE)
     out, out_t = out.to(dtype), None if out_t is None else out_t.to(dtype)
     return out if out_t is None else fwAD.make_dual(out, out_t)
 

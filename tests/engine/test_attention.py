@@ -67,11 +67,11 @@ def test_a_row_with_every_key_masked_gives_zero_like_the_math_kernel():
 @pytest.mark.parametrize("num_directions", [1, 2])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "hf_vit_sdpa", "lora_llama"])
 def test_models_on_the_blocked_rule_equal_autograd(family, num_directions, monkeypatch, one_thread):
-    """Every sdpa call of these models has more keys than the block (4), so all take the rule."""
+    """Every sdpa call of these models takes the rule, in blocks of 4 queries."""
     calls = []
     rule = attention.attention_jvp
     monkeypatch.setattr(attention, "BLOCK_SIZE", 4)
-    monkeypatch.setattr(attention, "attention_jvp", lambda *a, **k: calls.append(1) or rule(*a, **k, block_size=4))
+    monkeypatch.setattr(attention, "attention_jvp", lambda *a, **k: calls.append(1) or rule(*a, **k))
     torch.manual_seed(0)
     model, closure, reference = FAMILIES[family]()
     params = trainable_parameters(model.parameters())
