@@ -13,6 +13,8 @@ derivative of exactly 0). ``closure_context()`` runs the closure so that every o
   RNN kernel has none;
 - a HuggingFace model builds no KV cache unless the call asks for one (``use_cache=True``):
   see :func:`kv_cache_off`;
+- activation modules written as a chain of elementwise ops (HuggingFace's ``gelu_new``) take
+  a one-kernel rule: see :mod:`~fwdgrad_plugins.engine.activations`;
 - the modules being run are tracked (global forward hooks, only while the closure runs), so
   an op without a rule is reported with the module that ran it, e.g.
   ``encoder.layers.0.self_attn (MultiheadAttention)``, relative to the outermost module.
@@ -42,6 +44,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fwdgrad_plugins.engine.activations import activation_rules
 from fwdgrad_plugins.errors import LossWithoutTangentError
 
 MODULE_PATH = "fwdgrad_module_path"  # the attribute an error raised in a closure gets
@@ -183,14 +186,14 @@ def kv_cache_off():
 @contextlib.contextmanager
 def closure_context():
     """Run a forward-mode closure: eager, math attention, RNNs without oneDNN, no KV cache
-    by default, modules tracked.
+    by default, one-kernel activation rules, modules tracked.
 
     An exception leaving the block carries the path of the module that raised it in its
     ``fwdgrad_module_path`` attribute (see :func:`module_path`).
     """
     load_decompositions_quietly()
     with (torch.compiler.set_stance("force_eager"), sdpa_kernel([SDPBackend.MATH]), kv_cache_off(),
-          _ModuleStack().tracking()):
+          activation_rules(), _ModuleStack().tracking()):
         yield
 
 
