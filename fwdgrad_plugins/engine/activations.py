@@ -29,6 +29,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from fwdgrad_plugins.engine.module_hooks import global_forward_hooks
+
 
 def _tanh_gelu_tangent(x: Tensor, x_t: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(x_t, x, approximate="tanh")
@@ -73,18 +75,8 @@ class _Rules:
         tangent = self.rules[type(module)](x, x_t)
         return fwAD.make_dual(output, tangent if tangent.dtype == output.dtype else tangent.to(output.dtype))
 
-    @contextlib.contextmanager
     def hooks(self):
-        if not self.rules:
-            yield
-            return
-        pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
-        post = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
-        try:
-            yield
-        finally:
-            pre.remove()
-            post.remove()
+        return global_forward_hooks(self._enter, self._leave) if self.rules else contextlib.nullcontext()
 
 
 def activation_rules():

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fwdgrad_plugins.engine.activations import activation_rules
+from fwdgrad_plugins.engine.module_hooks import global_forward_hooks
 from fwdgrad_plugins.errors import LossWithoutTangentError
 
 MODULE_PATH = "fwdgrad_module_path"  # the attribute an error raised in a closure gets
@@ -87,13 +88,10 @@ class _ModuleStack:
     @contextlib.contextmanager
     def tracking(self):
         mkldnn = torch.backends.mkldnn.enabled
-        pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
-        post = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
         try:
-            yield self
+            with global_forward_hooks(self._enter, self._leave):
+                yield self
         finally:
-            pre.remove()
-            post.remove()
             torch.backends.mkldnn.enabled = mkldnn
 
     def path(self) -> Optional[str]:
@@ -149,13 +147,10 @@ class _CacheOff:
 
     @contextlib.contextmanager
     def hooks(self):
-        pre = nn.modules.module.register_module_forward_pre_hook(self._enter)
-        post = nn.modules.module.register_module_forward_hook(self._leave, always_call=True)
         try:
-            yield
+            with global_forward_hooks(self._enter, self._leave):
+                yield
         finally:
-            pre.remove()
-            post.remove()
             while self.switched:
                 self.switched.pop()[1].use_cache = True
 
