@@ -23,7 +23,7 @@ So ``forward-sgd − jvp`` is the update (its draws included) and ``jvp − forw
 forward mode adds to the pass besides the draws.
 
     python benchmarks/lm_step.py --cases gpt2,llama --rounds 5 --json lm_step.json --markdown lm_step.md
-    python benchmarks/lm_step.py --cases gpt2 --layers 3 --profile   # torch.profiler's split of one jvp
+    python benchmarks/lm_step.py --cases gpt2 --profile   # torch.profiler's split of one jvp
 """
 
 from __future__ import annotations
