@@ -13,7 +13,8 @@ diagonal are never computed. One softmax kernel, one product and one sum over th
 and four matrix products (dS in one, over the stacked [q_t q] and [k k_t]).
 
 ``F.scaled_dot_product_attention`` calls that carry a tangent take this rule (``forward_mode``
-routes them here); with dropout or a mask that has a tangent they take the math kernel. On
+routes them here), with dropout too (D(X) = X ∘ M / (1 − p) applied to P and P ∘ dS, c taken
+before it); with a mask that has a tangent they take the math kernel. On
 CUDA, with the optional ``jvp-flash-attention`` package installed, one direction
 (``forward_ad`` duals) uses its Triton forward + jvp kernel instead (untested in this
 project's CI, which has no GPU).
@@ -46,13 +47,15 @@ BLOCK_SIZE = 64  # queries per block
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: Optional[Tensor],
                   v_t: Optional[Tensor], attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                   scale: Optional[float] = None, enable_gqa: bool = False,
-                  block_size: int = BLOCK_SIZE) -> tuple[Tensor, Optional[Tensor]]:
-    """``F.scaled_dot_product_attention(q, k, v, ...)`` (no dropout) and its tangent along
-    (q_t, k_t, v_t), any of which may be None; queries in blocks of ``block_size``.
+                  block_size: int = BLOCK_SIZE, dropout_p: float = 0.0) -> tuple[Tensor, Optional[Tensor]]:
+    """``F.scaled_dot_product_attention(q, k, v, ...)`` and its tangent along (q_t, k_t,
+    v_t), any of which may be None; queries in blocks of ``block_size``.
 
     Shapes as torch's: q (..., H, L, E), k (..., H_kv, S, E), v (..., H_kv, S, E_v);
     ``attn_mask`` boolean (True: attend) or additive, broadcastable to (..., H, L, S).
-    Rows whose keys are all masked give 0, as the math kernel does."""
+    Rows whose keys are all masked give 0, as the math kernel does. With ``dropout_p`` each
+    block draws its mask from torch's generator as torch's dropout does (on a CPU and with
+    one block, the math kernel's mask)."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         groups = q.shape[-3] // k.shape[-3]
         k, v, k_t, v_t = (None if t is None else t.repeat_interleave(groups, dim=-3) for t in (k, v, k_t, v_t))
@@ -60,7 +63,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: O
     length, keys = q.shape[-2], k.shape[-2]
     if attn_mask is not None and attn_mask.dim() < 2:
         attn_mask = attn_mask.expand(length, keys)
-    blocks = [_block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, start, min(start + block_size, length))
+    blocks = [_block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, dropout_p, start, min(start + block_size, length))
               for start in range(0, length, block_size)]
     out = blocks[0][0] if len(blocks) == 1 else torch.cat([b[0] for b in blocks], -2)
     if blocks[0][1] is None:
@@ -68,7 +71,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: O
     return out, blocks[0][1] if len(blocks) == 1 else torch.cat([b[1] for b in blocks], -2)
 
 
-def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, start, stop):
+def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, dropout_p, start, stop):
     """The rule for queries [start, stop): their output and its tangent (or None)."""
     keys = min(k.shape[-2], stop) if is_causal else k.shape[-2]  # top-left aligned, as torch's is_causal
     rows, seen = slice(start, stop), slice(0, keys)
@@ -88,7 +91,6 @@ def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, start, stop):
         empty = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1, keepdim=True)
         if empty.any():
             weights = weights.masked_fill(empty, 0.0)
-    out = weights @ v
     if q_t is not None and k_t is not None:  # dS = [q_t q] [k k_t]ᵀ · scale
         scores_t = torch.cat([q_t * scale, q * scale], -1) @ torch.cat([k, k_t], -1).mT
     elif q_t is not None:
@@ -97,12 +99,17 @@ def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, start, stop):
         scores_t = (q * scale) @ k_t.mT
     else:
         scores_t = None
+    weighted_t = None if scores_t is None else scores_t.mul_(weights)  # P ∘ dS
+    derivative_total = None if weighted_t is None else weighted_t.sum(-1, keepdim=True)  # c, before dropout
+    if dropout_p > 0:  # D(X) = X ∘ M / (1 − p) on P and P ∘ dS: one mask, drawn as torch's dropout draws it
+        keep = torch.empty_like(weights).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+        weights = weights.mul_(keep)
+        weighted_t = None if weighted_t is None else weighted_t.mul_(keep)
+    out = weights @ v
     out_t = None if v_t is None else weights @ v_t
-    if scores_t is not None:
-        weighted_t = scores_t.mul_(weights)  # P ∘ dS
-        del scores_t
+    if weighted_t is not None:
         out_t = _sum(out_t, weighted_t @ v)
-        out_t = out_t - weighted_t.sum(-1, keepdim=True) * out
+        out_t = out_t - derivative_total * out
     return out, out_t
 
 
@@ -125,10 +132,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     plain = (query, key, value, attn_mask, dropout_p, is_causal)
     options = {"scale": scale, "enable_gqa": enable_gqa}
     mask_has_tangent = attn_mask is not None and fwAD.unpack_dual(attn_mask).tangent is not None
-    if (q_t is None and k_t is None and v_t is None) or dropout_p > 0 or mask_has_tangent:
+    if (q_t is None and k_t is None and v_t is None) or mask_has_tangent:
         return F.scaled_dot_product_attention(*plain, **options)
     flash = _jvp_flash_attention()
-    if flash is not None and single_direction and q.is_cuda and q.shape == k.shape == v.shape and not enable_gqa:
+    if flash is not None and single_direction and dropout_p == 0 and q.is_cuda and q.shape == k.shape == v.shape and not enable_gqa:
         mask = None if attn_mask is None else attn_mask.expand(*q.shape[:-1], k.shape[-2])
         return flash(query, key, value, attn_mask=mask, causal=is_causal, sm_scale=scale)
     dtype = q.dtype
@@ -136,7 +143,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         q, k, v, q_t, k_t, v_t = (None if t is None else t.float() for t in (q, k, v, q_t, k_t, v_t))
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.float()
-    out, out_t = attention_jvp(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, enable_gqa, BLOCK_SIZE)
+    out, out_t = attention_jvp(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, enable_gqa, BLOCK_SIZE, dropout_p)
     out, out_t = out.to(dtype), None if out_t is None else out_t.to(dtype)
     return out if out_t is None else fwAD.make_dual(out, out_t)
 

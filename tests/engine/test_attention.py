@@ -82,14 +82,51 @@ def test_models_on_the_blocked_rule_equal_autograd(family, num_directions, monke
                                rtol=2e-4, atol=1e-5)
 
 
-def test_dropout_takes_the_math_kernel(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK_SIZE", 1)
-    monkeypatch.setattr(attention, "attention_jvp", lambda *a, **k: pytest.fail("blocked rule with dropout"))
-    q = torch.randn(1, 1, 4, 3)
-    params = [q]
-    result = directional_derivatives(
-        lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5).sum(), params, [torch.ones(1, *q.shape)])
-    assert result.derivatives.shape == (1,)
+@pytest.mark.parametrize("case", ["plain", "causal", "boolean padding mask"])
+def test_dropout_in_one_block_draws_the_math_kernels_mask(case):
+    """On a CPU torch's dropout draws its mask with bernoulli_ on the (..., L, S) weights;
+    one block of the rule draws the same, so from one seed the two jvps agree."""
+    length, keys, kv_heads, options = CASES[case]
+    q, k, v = (torch.randn(2, 2, n, 5, dtype=torch.float64) for n in (length, keys, keys))
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    torch.manual_seed(3)
+    expected = math_jvp(q, k, v, tangents, dropout_p=0.4, **options)
+    torch.manual_seed(3)
+    ours = attention_jvp(q, k, v, *tangents, block_size=length, dropout_p=0.4, **options)
+    for mine, theirs in zip(ours, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_over_many_blocks_is_the_derivative_of_its_own_masks():
+    """Each block draws its own mask; with the generator reset, the same masks come again, so
+    the tangent is the central difference of the rule's own outputs (float64)."""
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+
+    def attention(step):
+        torch.manual_seed(5)
+        shifted = [t + step * t_dot for t, t_dot in zip((q, k, v), tangents)]
+        return attention_jvp(*shifted, *tangents, is_causal=True, block_size=4, dropout_p=0.3)
+
+    out, out_t = attention(0.0)
+    difference = (attention(1e-6)[0] - attention(-1e-6)[0]) / 2e-6
+    torch.testing.assert_close(out_t, difference, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(out, attention_jvp(q, k, v, None, None, None, is_causal=True)[0])  # dropout acted
+
+
+def test_a_gpt2_with_attention_dropout_takes_the_rule(monkeypatch):
+    calls = []
+    rule = attention.attention_jvp
+    monkeypatch.setattr(attention, "attention_jvp", lambda *a, **k: calls.append(a[-1]) or rule(*a, **k))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                       attn_pdrop=0.5, attn_implementation="sdpa")).train()
+    ids = torch.randint(0, 32, (2, 8))
+    params = trainable_parameters(model.parameters())
+    result = directional_derivatives(lambda: model(input_ids=ids, labels=ids).loss, params,
+                                     [torch.randn(1, *p.shape) for p in params])
+    assert calls == [0.5] and torch.isfinite(result.derivatives).all()
 
 
 @pytest.mark.slow
