@@ -1,6 +1,6 @@
 """A layer's use of a large streamed tangent, a block of the weight's rows at a time.
 
-A streamed tangent of more than ``ROWS_ALONE_MIN`` values (an embedding table, an LM head) is
+A streamed tangent of at least ``ROWS_ALONE_MIN`` values (an embedding table, an LM head) is
 never drawn whole (:meth:`~fwdgrad_plugins.tangents.streaming.LazyDirection.row_blocks`). The
 three ways a model uses such a weight W get its tangent Z's contribution block by block:
 an embedding lookup Z[indices], a linear layer's x Zᵀ and an ``addmm``'s x Z (GPT-2's Conv1D,

@@ -38,7 +38,7 @@ from fwdgrad_plugins.tangents.tangent import RankOne, Tangent, accepts_workspace
 
 Direction = Union[Tensor, tuple]  # one direction of one parameter: dense, or (u, w) for u wᵀ
 
-ROWS_ALONE_MIN = 1 << 22  # values: a larger dense tangent is drawn a block of rows at a time
+ROWS_ALONE_MIN = 1 << 22  # values (16 MiB in float32): a dense tangent this large is drawn a block of rows at a time
 ROW_BLOCK = 1 << 20  # values per block of rows (4 MiB in float32)
 
 
@@ -114,11 +114,11 @@ class CounterStream(TangentStream):
 
     def row_blocks(self, index: int) -> Optional[list[tuple[int, int]]]:
         """``(start, stop)`` row ranges of about ``ROW_BLOCK`` values covering parameter
-        ``index``, for a dense tangent of more than ``ROWS_ALONE_MIN`` values (an embedding, an
+        ``index``, for a dense tangent of at least ``ROWS_ALONE_MIN`` values (an embedding, an
         LM head), which the engine and the update then draw a block at a time; None for a
         smaller or rank-one one (drawn whole). Blocks hold a multiple of 128 rows."""
         shapes = self._pieces[index]
-        if len(shapes) != 1 or len(shapes[0]) < 2 or math.prod(shapes[0]) <= ROWS_ALONE_MIN:
+        if len(shapes) != 1 or len(shapes[0]) < 2 or math.prod(shapes[0]) < ROWS_ALONE_MIN:
             return None
         rows = shapes[0][0]
         step = max(128, ROW_BLOCK // math.prod(shapes[0][1:]) // 128 * 128)
