@@ -82,7 +82,8 @@ def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, dropout_p, start
     if is_causal and start < keys:  # the keys after a query's own position
         causal = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).tril(start)
         mask = causal if mask is None else _combine_masks(mask, causal, q.dtype)
-    scores = (q * scale) @ k.mT
+    q_scaled = q * scale
+    scores = q_scaled @ k.mT
     if mask is not None:
         scores = scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
     weights = torch.softmax(scores, -1)  # P
@@ -92,11 +93,11 @@ def _block(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, dropout_p, start
         if empty.any():
             weights = weights.masked_fill(empty, 0.0)
     if q_t is not None and k_t is not None:  # dS = [q_t q] [k k_t]ᵀ · scale
-        scores_t = torch.cat([q_t * scale, q * scale], -1) @ torch.cat([k, k_t], -1).mT
+        scores_t = torch.cat([q_t * scale, q_scaled], -1) @ torch.cat([k, k_t], -1).mT
     elif q_t is not None:
         scores_t = (q_t * scale) @ k.mT
     elif k_t is not None:
-        scores_t = (q * scale) @ k_t.mT
+        scores_t = q_scaled @ k_t.mT
     else:
         scores_t = None
     weighted_t = None if scores_t is None else scores_t.mul_(weights)  # P ∘ dS
