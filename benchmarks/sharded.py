@@ -308,8 +308,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.rank, int(os.environ["WORLD_SIZE"]), args.port, args)))
-        return []
+        print(json.dumps(child(args.child, args.rank, int(os.environ["WORLD_SIZE"]), args.port, args)), flush=True)
+        sys.stderr.flush()
+        # The report is out and the process group destroyed: skip the interpreter's teardown,
+        # where gloo's background threads now and then abort the process ("terminate called
+        # without an active exception") after the work is done.
+        os._exit(0)
     from tqdm.auto import tqdm
 
     runs = [(world, method) for world in map(int, args.ranks.split(",")) for method in args.methods.split(",")]
