@@ -196,4 +196,7 @@ def main(rank, world, port, cases):
 
 
 if __name__ == "__main__":
+    from processes import exit_without_teardown
+
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    exit_without_teardown()

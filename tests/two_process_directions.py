@@ -58,4 +58,7 @@ def main(rank: int, world: int, port: str) -> None:
 
 
 if __name__ == "__main__":
+    from processes import exit_without_teardown
+
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    exit_without_teardown()

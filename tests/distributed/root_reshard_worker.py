@@ -8,13 +8,13 @@ gathered when a block started (``root_gathered_in_blocks``: every answer should 
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fsdp_worker  # noqa: E402
+from processes import exit_without_teardown  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -40,7 +40,4 @@ if __name__ == "__main__":
     rank = int(sys.argv[1])
     fsdp_worker.main(rank, int(sys.argv[2]), sys.argv[3], sys.argv[4:])
     print(json.dumps({"case": "root-check", "rank": rank, "root_gathered_in_blocks": seen}), flush=True)
-    # The reports are out and the process group is destroyed; skip the interpreter's teardown,
-    # where gloo's background threads once in about a dozen runs abort the process
-    # ("terminate called without an active exception") after all the work is done.
-    os._exit(0)
+    exit_without_teardown()
