@@ -23,7 +23,8 @@ gives the output the tangent ``gelu'(x) · x_t`` in that one kernel.
 from __future__ import annotations
 
 import contextlib
-import functools
+import sys
+from typing import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -36,16 +37,17 @@ def _tanh_gelu_tangent(x: Tensor, x_t: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(x_t, x, approximate="tanh")
 
 
-@functools.cache
-def rules() -> dict[type, object]:
-    """Module class -> the tangent of its output, a function of (x, x_t). The tanh GELU's
-    equal forms in transformers, when it is installed."""
-    try:
-        from transformers import activations
-    except ImportError:
+_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")  # 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))
+
+
+def rules() -> dict[type, Callable[[Tensor, Tensor], Tensor]]:
+    """Module class -> the tangent of its output, a function of (x, x_t): the tanh GELU's
+    forms in transformers, once something has imported ``transformers.activations`` (a model
+    that uses them has; a closure never imports transformers itself)."""
+    activations = sys.modules.get("transformers.activations")
+    if activations is None:
         return {}
-    names = ("NewGELUActivation", "FastGELUActivation")  # 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))
-    return {getattr(activations, name): _tanh_gelu_tangent for name in names if hasattr(activations, name)}
+    return {getattr(activations, name): _tanh_gelu_tangent for name in _TANH_GELUS if hasattr(activations, name)}
 
 
 class _Rules:

@@ -68,3 +68,19 @@ def test_an_error_inside_the_module_leaves_no_rule_pending():
         del gelu.forward
         out_t = fwAD.unpack_dual(gelu(fwAD.make_dual(torch.zeros(6), torch.ones(6)))).tangent
     torch.testing.assert_close(out_t, torch.full((6,), 0.5))  # gelu'(0) = 1/2
+
+
+def test_a_closure_without_transformers_does_not_import_it():
+    """The rules look transformers up only where a model has imported it."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch\n"
+              "from fwdgrad_plugins import directional_derivatives\n"
+              "m, x = torch.nn.Linear(3, 1), torch.ones(2, 3)\n"
+              "directional_derivatives(lambda: m(x).sum(), list(m.parameters()),\n"
+              "                        [torch.ones(1, *p.shape) for p in m.parameters()])\n"
+              "print('transformers' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
