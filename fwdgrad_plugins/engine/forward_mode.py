@@ -49,7 +49,7 @@ from fwdgrad_plugins.engine.closure_context import (
     unsupported_op_fix,
 )
 from fwdgrad_plugins.engine.rng_state import RngState
-from fwdgrad_plugins.engine.row_blocks import add_product_by_rows, looked_up_rows
+from fwdgrad_plugins.engine.row_blocks import add_product_by_rows, looked_up_rows, row_blocks_of
 from fwdgrad_plugins.engine.vmap_fallback import Refusals, warn_fallback
 from fwdgrad_plugins.errors import (
     BackwardInClosureError,
@@ -137,7 +137,7 @@ class _PerturbParameters(TorchFunctionMode):
             return self._addmm(*args, **kwargs)
         if func is F.embedding:
             return self._embedding(*args, **kwargs)
-        if func in _NARROWS and self._row_blocks(args[0]) is not None:
+        if func in _NARROWS and row_blocks_of(self.tangents, args[0]) is not None:
             return self._narrow(*args, **kwargs)
         if func in _CONVOLUTIONS:
             return self._convolution(func, *args, **kwargs)
@@ -167,7 +167,7 @@ class _PerturbParameters(TorchFunctionMode):
         Autograd never updates the padding row, but torch's forward-mode rule differentiates
         through it: that row gets no tangent, and is recorded so the estimate leaves it alone."""
         key = id(weight)
-        blocks = self._row_blocks(weight)
+        blocks = row_blocks_of(self.tangents, weight)
         tangent = None if blocks is not None else self.tangents.get(key)
         padding_row = None
         if padding_idx is not None and (key in self.perturbed or tangent is not None or blocks is not None):
@@ -204,7 +204,7 @@ class _PerturbParameters(TorchFunctionMode):
         if weight.dim() != 2:  # a 1-D weight (never rank-one): forward AD's own rule
             return F.linear(input, self._swap(weight), self._swap(bias) if bias is not None else None)
         x, x_t = fwAD.unpack_dual(input)
-        blocks = self._row_blocks(weight)
+        blocks = row_blocks_of(self.tangents, weight)
         if blocks is not None:
             return self._linear_by_rows(x, x_t, weight, bias, blocks)
         w_p, w_t = self._primal_and_tangent(weight)
@@ -224,13 +224,6 @@ class _PerturbParameters(TorchFunctionMode):
         add_product_by_rows(self.tangents, id(weight), blocks, _rows(x), tangent.view(-1, out.shape[-1]))
         self.used.add(id(weight))
         return fwAD.make_dual(out, tangent)
-
-    def _row_blocks(self, value):
-        """The row ranges in which a streamed parameter's tangent is drawn, where it is large
-        enough to be drawn a block of rows at a time; None otherwise."""
-        if not isinstance(self.tangents, LazyDirection) or not isinstance(value, Tensor):
-            return None
-        return self.tangents.row_blocks(id(value)) if id(value) in self.tangents else None
 
     def _convolution(self, conv, input, weight, bias=None, *options, **named_options):
         """``F.conv1d/2d/3d``: the tangent conv(x_t, W) + conv(x, W_t) + b_t, with only the
@@ -284,7 +277,7 @@ class _PerturbParameters(TorchFunctionMode):
             return torch.addmm(*args, beta=beta, alpha=alpha, **({} if out is None else {"out": out}))
         x, x_t = fwAD.unpack_dual(self._swap(mat1))
         b_p, b_t = self._primal_and_tangent(input)
-        blocks = self._row_blocks(mat2)
+        blocks = row_blocks_of(self.tangents, mat2)
         if blocks is not None:  # W's rows are its inputs: x W_t = Σ_blocks x[:, rows] W_t[rows]
             result = torch.addmm(b_p, x, mat2)
             tangent = _linear_tangent(x, x_t, mat2.t(), None, None, b_t, result.dtype, self.dual_tensors)

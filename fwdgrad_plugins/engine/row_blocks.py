@@ -25,9 +25,19 @@ from typing import Optional
 
 from torch import Tensor
 
+from fwdgrad_plugins.tangents.streaming import LazyDirection
 from fwdgrad_plugins.tangents.tangent import cast
 
 Blocks = list[tuple[int, int]]
+
+
+def row_blocks_of(directions, value) -> Optional[Blocks]:
+    """The row ranges in which ``value``'s tangent is drawn, for a parameter of ``directions``
+    (a :class:`~fwdgrad_plugins.tangents.streaming.LazyDirection`) large enough to be drawn by
+    rows; None for anything else."""
+    if not isinstance(directions, LazyDirection) or not isinstance(value, Tensor) or id(value) not in directions:
+        return None
+    return directions.row_blocks(id(value))
 
 
 def looked_up_rows(directions, key: int, blocks: Blocks, indices: Tensor, skip_row: Optional[int],

@@ -52,7 +52,7 @@ from fwdgrad_plugins.engine.forward_mode import (
     _check_loss,
     _with_copied_running_stats,
 )
-from fwdgrad_plugins.engine.row_blocks import add_product_by_rows, looked_up_rows
+from fwdgrad_plugins.engine.row_blocks import add_product_by_rows, looked_up_rows, row_blocks_of
 from fwdgrad_plugins.errors import BackwardInClosureError, ParametersNotUsedError
 from fwdgrad_plugins.estimators.core import Estimate, Reduce, estimate_from_derivatives
 from fwdgrad_plugins.hookspecs import hookimpl
@@ -122,7 +122,7 @@ class _ShiftParameters(TorchFunctionMode):
         if func is F.embedding:
             named = dict(zip(("input", "weight", "padding_idx", "max_norm"), args), **kwargs)
             weight, padding_idx = named.get("weight"), named.get("padding_idx")
-            blocks = self._row_blocks(weight)
+            blocks = row_blocks_of(self.directions, weight)
             if blocks is None or named.get("max_norm") is not None:  # max_norm renormalises rows in place
                 return None
             row = None if padding_idx is None else padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]
@@ -133,7 +133,7 @@ class _ShiftParameters(TorchFunctionMode):
             return out.add_(looked_up_rows(self.directions, id(weight), blocks, named["input"], row, out),
                             alpha=self.scale)
         if func is F.linear and 2 <= len(args) <= 3 and set(kwargs) <= {"bias"}:
-            blocks = self._row_blocks(args[1])
+            blocks = row_blocks_of(self.directions, args[1])
             if blocks is None or args[1].dim() != 2:
                 return None
             x, weight = args[0], args[1]
@@ -143,7 +143,7 @@ class _ShiftParameters(TorchFunctionMode):
             self.used.add(id(weight))
             return out
         if func is torch.addmm and len(args) == 3 and not kwargs:
-            blocks = self._row_blocks(args[2])
+            blocks = row_blocks_of(self.directions, args[2])
             if blocks is None:
                 return None
             out = torch.addmm(self._swap(args[0]), args[1], args[2])
@@ -152,7 +152,7 @@ class _ShiftParameters(TorchFunctionMode):
             self.used.add(id(args[2]))
             return out
         if func in (Tensor.narrow, torch.narrow) and len(args) == 4 and args[1] in (0, -args[0].dim()):
-            blocks = self._row_blocks(args[0])
+            blocks = row_blocks_of(self.directions, args[0])
             if blocks is None:
                 return None
             value, _, start, length = args
@@ -160,13 +160,6 @@ class _ShiftParameters(TorchFunctionMode):
             rows = self.directions.rows(id(value), int(start), int(start) + int(length))
             return torch.add(value.narrow(0, start, length), rows.to(value.dtype), alpha=self.scale)
         return None
-
-    def _row_blocks(self, value):
-        """The row ranges in which a streamed parameter's z is drawn, where it is large enough
-        to be drawn by rows; None otherwise."""
-        if not isinstance(value, Tensor) or id(value) not in self.directions:
-            return None
-        return self.directions.row_blocks(id(value))
 
     def _embedding_arguments(self, args, kwargs):
         """``F.embedding``'s weight with its padding row left unshifted (and recorded)."""
