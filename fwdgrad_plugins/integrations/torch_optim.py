@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
 
 from fwdgrad_plugins.estimators.core import ForwardGradientEstimator, trainable_parameters
 
@@ -31,7 +32,7 @@ class ForwardGradient(torch.optim.Optimizer):
     optimizer: ``opt.optimizer.register_step_pre_hook(lambda *_: clip_grad_norm_(params, 1.0))``.
 
     The estimate does not outlive the step: with a torch optimizer that updates each parameter
-    on its own (SGD, Adam, AdamW, ...; see ``PER_PARAMETER``), no step hooks on it, and every
+    on its own (SGD, Adam, AdamW, ...; see ``PER_PARAMETER``), no step hooks (its own or global), and every
     ``.grad`` None when the step starts (as ``zero_grad()`` leaves it), the estimate is
     written to ``.grad`` about 32 MiB at a time, the inner optimizer steps those parameters,
     and their ``.grad`` is dropped: a step never holds a whole ``.grad``, and its updates are
@@ -122,9 +123,8 @@ class ForwardGradient(torch.optim.Optimizer):
     def _steps_by_parameter(self, params) -> bool:
         """Whether the inner optimizer can step a few parameters at a time, their estimate
         dropped after (see the class docstring)."""
-        inner = self.optimizer
-        return (not self.keep_grads and type(inner) in self.PER_PARAMETER
-                and not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+        return (not self.keep_grads and type(self.optimizer) in self.PER_PARAMETER
+                and not _has_step_hooks(self.optimizer)
                 and self.estimator.can_consume(trainable_parameters(params)))
 
     def _step_parameters(self, params: list[Tensor]) -> None:
@@ -182,3 +182,14 @@ class ForwardGradient(torch.optim.Optimizer):
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.estimator.state_dict().items())
         return f"ForwardGradient({options},\n{self.optimizer!r})"
+
+
+def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step hook, the optimizer's own or a global one, would run at its step (and so
+    once per group of parameters if it were stepped a few at a time). torch keeps them in
+    private dicts, read here only; where a torch release moves them, the answer is True and
+    the step takes the whole-estimate path."""
+    module = torch_optimizer
+    hooks = [getattr(optimizer, "_optimizer_step_pre_hooks", None), getattr(optimizer, "_optimizer_step_post_hooks", None),
+             getattr(module, "_global_optimizer_pre_hooks", None), getattr(module, "_global_optimizer_post_hooks", None)]
+    return any(h is None or len(h) > 0 for h in hooks)

@@ -294,3 +294,25 @@ def test_the_whole_estimate_is_written_where_the_optimizer_needs_it():
     model.weight.grad = torch.ones_like(model.weight)
     opt.step(lambda: model(torch.ones(2, 3)).sum())
     assert model.weight.grad is not None and model.bias.grad is not None  # added to, and kept
+
+
+def test_a_global_step_hook_or_unknown_hook_bookkeeping_keeps_the_whole_estimate(monkeypatch):
+    """A global optimizer hook would run once per group of parameters; where torch keeps its
+    hooks elsewhere the wrapper cannot tell, so both take the whole-estimate path."""
+    import types
+
+    from torch.optim import optimizer as torch_optimizer
+
+    seen = []
+    handle = torch_optimizer.register_optimizer_step_pre_hook(lambda opt, *_: seen.append(opt))
+    try:
+        hooked, opt = three_steps(STATEFUL_INNER["adam"], keep_grads=False, num_directions=1)
+    finally:
+        handle.remove()
+    assert all(p.grad is not None for p in hooked.parameters())
+    assert seen.count(opt.optimizer) == 3  # once per step
+    from fwdgrad_plugins.integrations import torch_optim
+
+    monkeypatch.setattr(torch_optim, "torch_optimizer", types.SimpleNamespace())  # a torch that keeps them elsewhere
+    unknown, _ = three_steps(STATEFUL_INNER["adam"], keep_grads=False, num_directions=1)
+    assert all(p.grad is not None for p in unknown.parameters())
