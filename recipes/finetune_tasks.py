@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fwdgrad_plugins.engine.lm_loss import blocked_causal_lm_loss
+
 log = logging.getLogger("finetune")
 
 STDLIB = Path(os.__file__).parent
@@ -242,9 +244,9 @@ class LmDomain(Task):
         return model
 
     def loss(self, model, batch) -> torch.Tensor:
-        ids = batch[0]
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        # The head's logits and their cross-entropy a block at a time: the whole (B, T, V) logits
+        # (and, in forward mode, their tangent) never exist at once, for every method alike.
+        return blocked_causal_lm_loss(model, batch[0])
 
     def metric_of(self, model) -> float:
         return self.loss(model, self.data["eval"]).item()
@@ -291,7 +293,7 @@ class PromptClassification(LmDomain):
         return model
 
     def logits(self, model, ids) -> torch.Tensor:
-        last = model(input_ids=ids, use_cache=False).logits[:, -1]  # (B, V)
+        last = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]  # (B, V): the last token's
         return last[:, self.label_tokens].float()  # (B, labels)
 
     def loss(self, model, batch) -> torch.Tensor:
