@@ -246,7 +246,7 @@ class LmDomain(Task):
     def loss(self, model, batch) -> torch.Tensor:
         # The head's logits and their cross-entropy a block at a time: the whole (B, T, V) logits
         # (and, in forward mode, their tangent) never exist at once, for every method alike.
-        return blocked_causal_lm_loss(model, batch[0])
+        return blocked_causal_lm_loss(model, batch[0], block_vocab=256)
 
     def metric_of(self, model) -> float:
         return self.loss(model, self.data["eval"]).item()
@@ -291,6 +291,26 @@ class PromptClassification(LmDomain):
                 order = [i for c in range(len(LABELS)) for i in [j for j in order if labels[j] == c][:per_class]]
             self.data[split] = (torch.tensor([rows[i] for i in order]), torch.tensor([labels[i] for i in order]))
         return model
+
+    def export_csv(self, folder: Path) -> None:
+        """The same docstrings and labels as ``train.csv`` and ``validation.csv`` (columns
+        ``sentence``, ``label``: the package's name), for HF's stock text-classification
+        script (``--train_file``, ``--validation_file``); the validation split is the held-out
+        files, class-balanced as here."""
+        import csv
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, keep in (("train", False), ("validation", True)):
+            rows = [(text, package) for package in LABELS for path in module_files(package)
+                    if held_out(path) == keep for text in docstrings(path)]
+            if keep:
+                per_class = min(sum(label == package for _, label in rows) for package in LABELS)
+                rows = [row for package in LABELS for row in [r for r in rows if r[1] == package][:per_class]]
+            random.Random(0).shuffle(rows)
+            with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
+                writer = csv.writer(file)
+                writer.writerow(["sentence", "label"])
+                writer.writerows(rows)
 
     def logits(self, model, ids) -> torch.Tensor:
         last = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]  # (B, V): the last token's
