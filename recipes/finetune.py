@@ -82,8 +82,8 @@ METHODS = {
 }
 RECOMMENDED = {  # (task, --params): the configuration docs/finetuning.md recommends
     ("mnist-transfer", "full"): "fg-mb2", ("mnist-transfer", "head"): "fg-head-k16",
-    ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "per-example-span-1-mb4",
-    ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "per-example-span-1-mb4",
+    ("lm-domain", "full"): "fg-k16", ("lm-domain", "lora"): "fg-sgd-k2",
+    ("prompt-classification", "full"): "fg-k16", ("prompt-classification", "lora"): "fg",
 }
 TASK_LRS = {  # (task, method): lr where a task's differs from METHODS' (LoRA adapters take larger steps)
     **{(task, "backprop" + suffix): 3e-3 for task in ("lm-domain", "prompt-classification") for suffix in ("", "-ckpt")},

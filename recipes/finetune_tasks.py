@@ -294,18 +294,18 @@ class PromptClassification(LmDomain):
 
     def export_csv(self, folder: Path) -> None:
         """The same docstrings and labels as ``train.csv`` and ``validation.csv`` (columns
-        ``sentence``, ``label``: the package's name), for HF's stock text-classification
-        script (``--train_file``, ``--validation_file``); the validation split is the held-out
-        files, class-balanced as here."""
+        ``sentence``, ``label``: the package's index in ``LABELS``, 0 to 3), for HF's stock
+        text-classification script (``--train_file``, ``--validation_file``); the validation
+        split is the held-out files, class-balanced as here."""
         import csv
 
         folder.mkdir(parents=True, exist_ok=True)
         for split, keep in (("train", False), ("validation", True)):
-            rows = [(text, package) for package in LABELS for path in module_files(package)
+            rows = [(text, label) for label, package in enumerate(LABELS) for path in module_files(package)
                     if held_out(path) == keep for text in docstrings(path)]
             if keep:
-                per_class = min(sum(label == package for _, label in rows) for package in LABELS)
-                rows = [row for package in LABELS for row in [r for r in rows if r[1] == package][:per_class]]
+                per_class = min(sum(label == c for _, label in rows) for c in range(len(LABELS)))
+                rows = [row for c in range(len(LABELS)) for row in [r for r in rows if r[1] == c][:per_class]]
             random.Random(0).shuffle(rows)
             with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
                 writer = csv.writer(file)

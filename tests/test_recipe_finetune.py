@@ -81,6 +81,38 @@ def test_lm_pretrained_once_and_loadable_by_stock_hf_classes(cache_dir, tmp_path
     assert classifier(input_ids=ids).logits.shape == (1, 4)
 
 
+def test_lm_losses_equal_the_models_own(cache_dir, tmp_path):
+    """The LM tasks compute their losses without the whole logits: the same values as the
+    model's own loss and last-token logits."""
+    import torch.nn.functional as F
+
+    for task in ("lm-domain", "prompt-classification"):  # (each run loads its task's data)
+        run(task, cache_dir, tmp_path / task, "--methods", "backprop", "--seeds", "0", "--budget-forward-passes", "1")
+    lm, classify = TASKS["lm-domain"], TASKS["prompt-classification"]
+    model = classify.pretrained(cache_dir)[0].eval()
+    ids = lm.data["eval"][0][:4]
+    assert lm.loss(model, (ids, None)).item() == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
+    prompts, labels = classify.data["eval"][0][:4], classify.data["eval"][1][:4]
+    whole = model(input_ids=prompts).logits[:, -1][:, classify.label_tokens]
+    assert classify.loss(model, (prompts, labels)).item() == pytest.approx(F.cross_entropy(whole, labels).item(), rel=1e-5)
+
+
+def test_export_csv_for_the_stock_classification_script(cache_dir, tmp_path):
+    import csv
+
+    from finetune_tasks import LABELS
+
+    assert run("prompt-classification", cache_dir, tmp_path / "out", "--export-csv", str(tmp_path / "csv")) == {}
+    assert not (tmp_path / "out" / "results.json").exists()  # it exports, then stops
+    splits = {name: list(csv.DictReader(open(tmp_path / "csv" / f"{name}.csv", encoding="utf-8")))
+              for name in ("train", "validation")}
+    for rows in splits.values():
+        assert rows and {row["label"] for row in rows} == {str(c) for c in range(len(LABELS))}
+        assert all(row["sentence"] for row in rows)
+    counts = [sum(row["label"] == str(c) for row in splits["validation"]) for c in range(len(LABELS))]
+    assert len(set(counts)) == 1  # class-balanced, as the recipe's own eval set
+
+
 def test_seconds_budget_and_lora(cache_dir, tmp_path):
     saved = run("lm-domain", cache_dir, tmp_path, "--methods", "fg", "--params", "lora", "--seeds", "0",
                 "--budget-forward-passes", "100000", "--budget-seconds", "0.3", "--eval-every", "100000")
