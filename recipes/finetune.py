@@ -61,8 +61,9 @@ METHODS = {
     "fg": Method("weight", optimizer="sgd", lr=5e-4),  # the paper's FG-W, plain SGD, at SPSA's lr
     "fg-adam": Method("weight", lr=1e-4),
     "fg-k16": Method("weight", num_directions=16, lr=1e-4),
-    "fg-sgd-k4": Method("weight", optimizer="sgd", num_directions=4, lr=2e-3),  # four directions, one primal pass
-    "fg-sgd-k2": Method("weight", optimizer="sgd", num_directions=2, lr=2e-3),
+    # K directions in one jvp (one primal pass), plain SGD; their lrs are the LM tasks' (TASK_LRS), not swept on the CNN
+    "fg-sgd-k2": Method("weight", optimizer="sgd", num_directions=2, lr=1e-3),
+    "fg-sgd-k4": Method("weight", optimizer="sgd", num_directions=4, lr=2e-3),
     "fg-k64": Method("weight", num_directions=64, lr=3e-4),
     "blockwise-k8": Method("blockwise-parameter", num_directions=8, lr=3e-4),
     "blockwise-adam": Method("blockwise-parameter", lr=1e-3),  # one direction per tensor, one pass each
@@ -310,8 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default="runs/finetune/pretrained")
     parser.add_argument("--output-dir", default="runs/finetune")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--export-csv", metavar="DIR", help="prompt-classification: also write its docstrings and "
-                        "labels as DIR/train.csv and DIR/validation.csv (for HF's stock run_classification.py), then exit")
+    parser.add_argument("--export-csv", metavar="DIR", help="prompt-classification: write its docstrings and labels "
+                        "as DIR/train.csv and DIR/validation.csv (for HF's stock run_classification.py) and exit")
     parser.add_argument("--toy", action="store_true", help="tiny models and data (seconds): a smoke test")
     args = parser.parse_args(argv)
     args.lr_overrides = {}
