@@ -189,7 +189,7 @@ def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
     once per group of parameters if it were stepped a few at a time). torch keeps them in
     private dicts, read here only; where a torch release moves them, the answer is True and
     the step takes the whole-estimate path."""
-    module = torch_optimizer
     hooks = [getattr(optimizer, "_optimizer_step_pre_hooks", None), getattr(optimizer, "_optimizer_step_post_hooks", None),
-             getattr(module, "_global_optimizer_pre_hooks", None), getattr(module, "_global_optimizer_post_hooks", None)]
+             getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+             getattr(torch_optimizer, "_global_optimizer_post_hooks", None)]
     return any(h is None or len(h) > 0 for h in hooks)
